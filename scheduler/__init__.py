@@ -1,0 +1,1 @@
+"""The scheduler: HTTP API, admission control and the stdio gateway."""

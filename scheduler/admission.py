@@ -1,0 +1,169 @@
+"""Admission: turn a request for a session into a queued session, or refuse.
+
+Everything that can be checked without Redis is checked first, so a
+refused request changes nothing; the quota, rate and queue checks then run
+as one atomic script, and only an admitted session is enqueued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+
+import structlog
+from arq.connections import ArqRedis
+
+from shared.errors import AdmissionRefused, InvalidRequest
+from shared.models import CreateSession, EndCause, Outcome, SessionCreated, SessionState
+from shared.settings import AgentProfile, FleetSettings
+from shared.store import SessionStore
+from scheduler.auth import Authenticator
+
+log = structlog.get_logger("scheduler.admission")
+
+_LIMIT_NAMES = {
+    "memory_bytes": "memory",
+    "nano_cpus": "cpus",
+    "pids_limit": "pids",
+    "lifetime_s": "lifetime_s",
+}
+_REFUSALS = {
+    "org_concurrency": "The organisation runs as many sessions as it may.",
+    "org_rate": "The organisation created sessions faster than it may.",
+    "queue_full": "The fleet's queue is full; try again shortly.",
+}
+
+
+class Admission:
+    """Validate, admit and enqueue new sessions."""
+
+    def __init__(
+        self,
+        *,
+        settings: FleetSettings,
+        store: SessionStore,
+        arq: ArqRedis,
+        auth: Authenticator,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.arq = arq
+        self.auth = auth
+
+    async def create(self, org: str, request: CreateSession) -> SessionCreated:
+        """Admit a session for ``org`` and enqueue it.
+
+        Raises:
+            InvalidRequest: unknown profile, disallowed variable or limit.
+            AdmissionRefused: a quota, rate or queue bound says no.
+        """
+        profile = self._profile(request.profile)
+        _check_env(profile, request.env)
+        limits = _narrow(profile, request)
+        session_id = uuid.uuid4().hex
+        scheduler = self.settings.scheduler
+        slot_ttl_ms = scheduler.queue_slot_ttl_s * 1000
+        org_config = self.settings.orgs[org]
+        admission = await self.store.admit(
+            session_id,
+            org=org,
+            max_sessions=org_config.max_sessions,
+            per_minute=org_config.sessions_per_minute,
+            queue_max=scheduler.queue_max_depth,
+            slot_ttl_ms=slot_ttl_ms,
+            session_ttl_ms=slot_ttl_ms + profile.limits.lifetime_s * 1000 * 2,
+            fields={"profile": request.profile, "limits": json.dumps(limits)},
+        )
+        if not admission.admitted:
+            reason = admission.reason or "refused"
+            log.info("session.refused", org=org, reason=reason)
+            raise AdmissionRefused(
+                reason,
+                _REFUSALS.get(reason, "Admission refused."),
+                retry_after_s=max(1, math.ceil(admission.retry_after_ms / 1000)),
+            )
+        await self._enqueue(session_id, org, request.env, slot_ttl_ms)
+        token, expires_ms = self.auth.mint(session_id, org)
+        log.info(
+            "session.admitted", session_id=session_id, org=org, profile=request.profile
+        )
+
+        return SessionCreated(
+            id=session_id,
+            state=SessionState.QUEUED,
+            token=token,
+            token_expires_ms=expires_ms,
+        )
+
+    def _profile(self, name: str) -> AgentProfile:
+        profile = self.settings.profiles.get(name)
+        if profile is None:
+            known = ", ".join(sorted(self.settings.profiles)) or "none"
+            raise InvalidRequest(
+                "unknown_profile",
+                f"No agent profile is named {name!r}; configured profiles: {known}.",
+                field="profile",
+            )
+        return profile
+
+    async def _enqueue(
+        self, session_id: str, org: str, env: dict[str, str], ttl_ms: int
+    ) -> None:
+        try:
+            await self.store.put_env(session_id, env, ttl_ms)
+            await self.arq.enqueue_job(
+                "run_session",
+                session_id,
+                _job_id=session_id,
+                _queue_name=self.store.keys.arq_queue,
+            )
+        except Exception:
+            # Give the slot back: an admitted session that never reached the
+            # queue would otherwise hold it until the slot lapses.
+            await self.store.finish(
+                session_id,
+                org=org,
+                expect="queued",
+                outcome=Outcome(cause=EndCause.START_FAILED, detail="enqueue failed"),
+            )
+            raise
+
+
+def _check_env(profile: AgentProfile, env: dict[str, str]) -> None:
+    refused = sorted(set(env) - set(profile.env_allowed))
+    if refused:
+        allowed = ", ".join(profile.env_allowed) or "none"
+        raise InvalidRequest(
+            "env_not_allowed",
+            f"The profile does not allow the variables {', '.join(refused)}; "
+            f"allowed: {allowed}.",
+            field="env",
+        )
+
+
+def _narrow(profile: AgentProfile, request: CreateSession) -> dict[str, int]:
+    """Return the session's limits; each may only narrow the profile's."""
+    try:
+        asked = request.limits.parsed()
+    except ValueError as exc:
+        raise InvalidRequest("invalid_limit", str(exc), field="limits") from exc
+    ceiling = profile.limits.model_dump()
+    for name, value in asked.items():
+        cap = ceiling[name]
+        if _wider(name, value, cap):
+            field = f"limits.{_LIMIT_NAMES[name]}"
+            raise InvalidRequest(
+                "limit_exceeds_profile",
+                f"{field} asks for more than the profile allows ({value} > {cap}).",
+                field=field,
+            )
+
+    return asked
+
+
+def _wider(name: str, value: int, cap: int) -> bool:
+    if name == "pids_limit":
+        # -1 is unlimited: wider than any cap, and within an unlimited one.
+        return cap > 0 and (value < 0 or value > cap)
+    return value > cap

@@ -1,0 +1,220 @@
+"""The HTTP API: sessions, their stdio WebSocket, health and readiness."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import structlog
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from fastapi import Depends, FastAPI, Header, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from scheduler.admission import Admission
+from scheduler.auth import Authenticator, Principal, require_session
+from scheduler.gateway import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_NOT_FOUND,
+    CLOSE_UNAUTHORIZED,
+    relay,
+)
+from shared.errors import AdmissionRefused, NotFound, RequestRefused, Unauthorized
+from shared.keys import Keys
+from shared.models import (
+    CreateSession,
+    EndCause,
+    Outcome,
+    SessionCreated,
+    SessionState,
+    SessionView,
+    session_view,
+)
+from shared.settings import FleetSettings
+from shared.store import SessionStore
+from shared.wire import parse_cursor
+
+log = structlog.get_logger("scheduler.api")
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class Fleet:
+    """What every request handler of one replica shares."""
+
+    def __init__(self, settings: FleetSettings, arq: ArqRedis, blocking: Redis) -> None:
+        self.settings = settings
+        self.arq = arq
+        self.store = SessionStore(
+            arq, keys=Keys(settings.key_prefix), blocking=blocking
+        )
+        self.auth = Authenticator(settings)
+        self.admission = Admission(
+            settings=settings, store=self.store, arq=arq, auth=self.auth
+        )
+
+
+def _error(exc: RequestRefused) -> JSONResponse:
+    body: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.field:
+        body["field"] = exc.field
+    headers = {}
+    if isinstance(exc, AdmissionRefused):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": body}, status_code=exc.status, headers=headers)
+
+
+def create_app(settings: FleetSettings) -> FastAPI:
+    """Return the scheduler's ASGI application."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
+        app.state.fleet = Fleet(settings, arq, blocking)
+        try:
+            yield
+        finally:
+            await arq.aclose()
+            await blocking.aclose()
+
+    app = FastAPI(
+        title="ACP Fleet",
+        version="1",
+        summary="Run ACP coding agents in hardened sandboxes.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{field or 'body'}: {first.get('msg', 'invalid request')}"
+        return _error(RequestRefused("invalid_request", message, field=field or None))
+
+    @app.exception_handler(RedisError)
+    async def unavailable(request: Request, exc: RedisError) -> JSONResponse:
+        log.error("redis.unavailable", error=str(exc))
+        body = {"code": "unavailable", "message": "Session store unreachable."}
+        return JSONResponse(
+            {"error": body}, status_code=503, headers={"Retry-After": "1"}
+        )
+
+    _routes(app)
+    return app
+
+
+def _fleet(request: Request) -> Fleet:
+    fleet: Fleet = request.app.state.fleet
+    return fleet
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+FleetDep = Annotated[Fleet, Depends(_fleet)]
+AuthHeader = Annotated[str | None, Header()]
+
+
+def _routes(app: FastAPI) -> None:
+    @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
+    async def create_session(
+        body: CreateSession, fleet: FleetDep, authorization: AuthHeader = None
+    ) -> SessionCreated:
+        """Admit a session for the calling organisation and queue it."""
+        org = fleet.auth.org_for_key(_bearer(authorization))
+        return await fleet.admission.create(org, body)
+
+    @app.get("/v1/sessions/{session_id}", response_model=SessionView)
+    async def get_session(
+        session_id: str, fleet: FleetDep, authorization: AuthHeader = None
+    ) -> SessionView:
+        """State, end cause, exit code and phase timings of a session."""
+        principal = fleet.auth.principal(_bearer(authorization))
+        record = await _owned_record(fleet, principal, session_id)
+        return session_view(session_id, record)
+
+    @app.delete("/v1/sessions/{session_id}", response_model=SessionView)
+    async def cancel_session(
+        session_id: str, fleet: FleetDep, authorization: AuthHeader = None
+    ) -> Any:
+        """Cancel a session, whether it is queued or running."""
+        principal = fleet.auth.principal(_bearer(authorization))
+        record = await _owned_record(fleet, principal, session_id)
+        state = SessionState(record["state"])
+        if state is SessionState.QUEUED:
+            outcome = Outcome(cause=EndCause.CANCELLED, detail="cancelled while queued")
+            await fleet.store.finish(
+                session_id, org=record["org"], expect="queued", outcome=outcome
+            )
+        elif state is not SessionState.ENDED:
+            await fleet.store.write_stdin(session_id, "cancel")
+            view = session_view(session_id, record)
+            return JSONResponse(view.model_dump(mode="json"), status_code=202)
+        record = await fleet.store.record(session_id) or record
+        return session_view(session_id, record)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(fleet: FleetDep) -> dict[str, str]:
+        """The process can reach Redis."""
+        await fleet.store.redis.ping()
+        return {"status": "ready"}
+
+    @app.websocket("/v1/sessions/{session_id}/stdio")
+    async def stdio(
+        ws: WebSocket,
+        session_id: str,
+        cursor: Annotated[str | None, Query()] = None,
+        token: Annotated[str | None, Query()] = None,
+    ) -> None:
+        """The agent's stdio: binary output frames out, stdin and EOF in."""
+        fleet: Fleet = ws.app.state.fleet
+        await ws.accept()
+        credential = token or _bearer(ws.headers.get("authorization"))
+        try:
+            principal = fleet.auth.principal(credential)
+            await _owned_record(fleet, principal, session_id)
+            start = parse_cursor(cursor)
+        except Unauthorized as exc:
+            await _refuse(ws, CLOSE_UNAUTHORIZED, exc.code, exc.message)
+            return
+        except NotFound as exc:
+            await _refuse(ws, CLOSE_NOT_FOUND, exc.code, exc.message)
+            return
+        except ValueError as exc:
+            await _refuse(ws, CLOSE_BAD_REQUEST, "invalid_cursor", str(exc))
+            return
+        await relay(ws, fleet.store, session_id, start)
+
+
+async def _owned_record(
+    fleet: Fleet, principal: Principal, session_id: str
+) -> dict[str, str]:
+    record = None
+    if _SESSION_ID.fullmatch(session_id):
+        record = await fleet.store.record(session_id)
+    require_session(principal, session_id, record.get("org") if record else None)
+    assert record is not None
+    return record
+
+
+async def _refuse(ws: WebSocket, code: int, reason: str, message: str) -> None:
+    await ws.send_json({"type": "error", "code": reason, "message": message})
+    await ws.close(code=code, reason=reason)

@@ -1,0 +1,105 @@
+"""Credentials: organisation API keys and session-scoped tokens.
+
+Organisation keys are configured as SHA-256 digests, so neither the
+settings file nor a log ever holds one in clear. A session token is a
+short-lived signed claim to one session: it lets whatever holds the end user
+attach to that session and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from shared.errors import NotFound, Unauthorized
+from shared.settings import FleetSettings
+
+_ALGORITHM = "HS256"
+_AUDIENCE = "acp-fleet/session"
+
+
+def key_digest(api_key: str) -> str:
+    """Return the digest under which an organisation key is configured."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an organisation, or the holder of one session's token."""
+
+    org: str
+    session_id: str | None = None
+
+    def may_use(self, session_id: str, owner_org: str) -> bool:
+        """True when this caller may read, attach to or cancel the session."""
+        if self.org != owner_org:
+            return False
+        return self.session_id is None or self.session_id == session_id
+
+
+class Authenticator:
+    """Check bearer credentials against the settings."""
+
+    def __init__(self, settings: FleetSettings) -> None:
+        self._orgs_by_digest = {
+            org.key_sha256: name for name, org in settings.orgs.items()
+        }
+        self._secret = settings.token_secret.get_secret_value()
+        self.token_ttl_s = settings.scheduler.token_ttl_s
+
+    def org_for_key(self, api_key: str | None) -> str:
+        """Return the organisation of an API key.
+
+        Raises:
+            Unauthorized: the key is missing or unknown.
+        """
+        org = self._orgs_by_digest.get(key_digest(api_key)) if api_key else None
+        if org is None:
+            raise Unauthorized(
+                "invalid_credentials",
+                "The API key is missing or unknown; send it as "
+                "'Authorization: Bearer <key>'.",
+            )
+        return org
+
+    def principal(self, credential: str | None) -> Principal:
+        """Return who presents ``credential``: an org key or a session token."""
+        if credential and credential.count(".") == 2:
+            return self._token_principal(credential)
+        return Principal(org=self.org_for_key(credential))
+
+    def mint(self, session_id: str, org: str) -> tuple[str, int]:
+        """Return a token for one session and its expiry in epoch ms."""
+        expires_s = int(time.time()) + self.token_ttl_s
+        claims = {"sub": session_id, "org": org, "aud": _AUDIENCE, "exp": expires_s}
+        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM), expires_s * 1000
+
+    def _token_principal(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token, self._secret, algorithms=[_ALGORITHM], audience=_AUDIENCE
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized(
+                "token_expired", "The session token has expired; create a new one."
+            ) from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized(
+                "invalid_token", "The session token is not valid for this fleet."
+            ) from None
+        return Principal(org=str(claims["org"]), session_id=str(claims["sub"]))
+
+
+def require_session(
+    principal: Principal, session_id: str, owner_org: str | None
+) -> None:
+    """Raise ``NotFound`` unless ``principal`` may use the session.
+
+    Another org's session is reported as missing, so that its existence is
+    not revealed either.
+    """
+    if owner_org is None or not principal.may_use(session_id, owner_org):
+        raise NotFound("session_not_found", f"No session {session_id} for this caller.")

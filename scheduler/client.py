@@ -1,0 +1,174 @@
+"""A small Python client of the fleet's API, for backends and for ``connect``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from shared.wire import Output, decode_output
+
+
+class ApiError(Exception):
+    """The API refused a call; ``code`` is its machine-readable reason."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class FleetClient:
+    """Create, read and cancel sessions over HTTP.
+
+    Args:
+        base_url: the scheduler, e.g. ``http://127.0.0.1:8080``.
+        credential: an organisation API key or a session token.
+    """
+
+    def __init__(
+        self, base_url: str, credential: str, *, timeout_s: float = 30
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.credential = credential
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {credential}"},
+            timeout=timeout_s,
+        )
+
+    async def __aenter__(self) -> FleetClient:
+        return self
+
+    async def __aexit__(
+        self,
+        typ: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def create_session(
+        self,
+        profile: str,
+        *,
+        env: dict[str, str] | None = None,
+        limits: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Create a session; returns its id, state and session token."""
+        body = {"profile": profile, "env": env or {}, "limits": limits or {}}
+        return await self._call("POST", "/v1/sessions", json=body)
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        """Return a session's state, cause and timings."""
+        return await self._call("GET", f"/v1/sessions/{session_id}")
+
+    async def cancel(self, session_id: str) -> dict[str, Any]:
+        """Cancel a session, queued or running."""
+        return await self._call("DELETE", f"/v1/sessions/{session_id}")
+
+    def stdio(self, session_id: str, *, cursor: str | None = None) -> Stdio:
+        """Return the session's stdio connection, to use with ``async with``."""
+        ws_base = "ws" + self.base_url.removeprefix("http")
+        query = urlencode({"cursor": cursor} if cursor else {})
+        url = f"{ws_base}/v1/sessions/{session_id}/stdio" + (
+            f"?{query}" if query else ""
+        )
+        return Stdio(url, self.credential)
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        response = await self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": "http_error", "message": response.text}
+            raise ApiError(response.status_code, error["code"], error["message"])
+        result: dict[str, Any] = response.json()
+        return result
+
+
+@dataclass(frozen=True)
+class End:
+    """The session ended: its cause, exit code and the rest of its outcome."""
+
+    message: dict[str, Any]
+
+    @property
+    def cause(self) -> str:
+        return str(self.message.get("cause"))
+
+    @property
+    def exit_code(self) -> int | None:
+        code = self.message.get("exit_code")
+        return int(code) if code is not None else None
+
+
+class Stdio:
+    """A session's stdio over its WebSocket."""
+
+    def __init__(self, url: str, credential: str) -> None:
+        self.url = url
+        self.credential = credential
+        self._ws: ClientConnection | None = None
+
+    async def __aenter__(self) -> Stdio:
+        self._ws = await websockets.connect(
+            self.url,
+            additional_headers={"Authorization": f"Bearer {self.credential}"},
+            max_size=None,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        typ: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+
+    @property
+    def ws(self) -> ClientConnection:
+        if self._ws is None:
+            raise RuntimeError("use Stdio with 'async with'")
+        return self._ws
+
+    async def send(self, data: bytes) -> None:
+        """Write bytes to the agent's stdin."""
+        await self.ws.send(data)
+
+    async def send_eof(self) -> None:
+        """Close the agent's stdin."""
+        await self.ws.send(json.dumps({"type": "eof"}))
+
+    async def events(self) -> AsyncIterator[Output | End]:
+        """Yield output as it arrives, then the ``End`` of the session.
+
+        Raises:
+            ApiError: the gateway refused the connection or a message.
+        """
+        async for message in self.ws:
+            if isinstance(message, bytes):
+                yield decode_output(message)
+                continue
+            control = json.loads(message)
+            if control.get("type") == "end":
+                yield End(control)
+                return
+            if control.get("type") == "error":
+                raise ApiError(
+                    400, control.get("code", "error"), control.get("message", "")
+                )

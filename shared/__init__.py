@@ -1,0 +1,1 @@
+"""What the scheduler and the worker both use: settings, models, Redis keys."""

@@ -1,0 +1,97 @@
+"""The one exception root of ACP Fleet and the families beneath it.
+
+::
+
+    FleetError
+    ├── ConfigError            settings or a profile are invalid
+    ├── RequestRefused         a client request is refused (carries an HTTP status)
+    │   ├── InvalidRequest     malformed or out-of-range input (422)
+    │   ├── Unauthorized       no valid credential (401)
+    │   ├── NotFound           unknown session or profile, or not the caller's (404)
+    │   └── AdmissionRefused   a quota, rate or queue bound says no (429)
+    ├── LeaseLost              another owner fenced this worker out of a session
+    ├── SandboxError           the Docker Engine failed a call for a sandbox
+    └── RelayError             the stdio relay hit a protocol fault
+        └── FrameError         a Docker stream frame header is malformed
+"""
+
+from __future__ import annotations
+
+
+class FleetError(Exception):
+    """Root of every error ACP Fleet raises on purpose."""
+
+
+class ConfigError(FleetError):
+    """Settings or an agent profile are invalid; the message names each field."""
+
+
+class RequestRefused(FleetError):
+    """A client request is refused with a machine-readable code."""
+
+    status = 400
+
+    def __init__(self, code: str, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class InvalidRequest(RequestRefused):
+    """The request is malformed or asks for more than its profile allows."""
+
+    status = 422
+
+
+class Unauthorized(RequestRefused):
+    """The request carries no credential that grants what it asks."""
+
+    status = 401
+
+
+class NotFound(RequestRefused):
+    """The session or profile does not exist for this caller."""
+
+    status = 404
+
+
+class AdmissionRefused(RequestRefused):
+    """Admission control refused a new session for now."""
+
+    status = 429
+
+    def __init__(self, code: str, message: str, *, retry_after_s: int) -> None:
+        super().__init__(code, message)
+        self.retry_after_s = retry_after_s
+
+
+class LeaseLost(FleetError):
+    """This worker no longer owns the session and must stop touching it."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"lease lost for session {session_id}")
+        self.session_id = session_id
+
+
+class SandboxError(FleetError):
+    """The Docker Engine refused or failed a call made for a sandbox."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        container_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.container_id = container_id
+
+
+class RelayError(FleetError):
+    """The stdio relay met data it cannot carry."""
+
+
+class FrameError(RelayError):
+    """A Docker multiplexed-stream header is malformed; the stream is unusable."""

@@ -1,0 +1,232 @@
+"""Every Redis key layout, lifetime and Lua script of the fleet, in one place.
+
+Keys are ``{prefix}:...`` so that several fleets (or test runs) can share a
+Redis. Scripts make each state change atomic; their argument order is part
+of the layout and is documented next to each one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Rate limits count admissions over a sliding minute.
+RATE_WINDOW_MS = 60_000
+# An ended session's record and streams stay this long for status reads
+# and for a client that reconnects to collect the tail of the output.
+RETENTION_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names of the Redis keys under one fleet prefix."""
+
+    prefix: str
+
+    def session(self, session_id: str) -> str:
+        """Hash: the session's record (state, cause, timings, owner)."""
+        return f"{self.prefix}:session:{session_id}"
+
+    def session_env(self, session_id: str) -> str:
+        """Hash: per-session environment, deleted by the claim that reads it."""
+        return f"{self.prefix}:session:{session_id}:env"
+
+    def stdin(self, session_id: str) -> str:
+        """Stream: client-to-agent bytes (``d``), ``eof`` and ``cancel``."""
+        return f"{self.prefix}:session:{session_id}:in"
+
+    def stdout(self, session_id: str) -> str:
+        """Stream: agent-to-client bytes, ``o`` (stdout) or ``e`` (stderr),
+        closed by one ``end`` entry carrying the outcome as JSON."""
+        return f"{self.prefix}:session:{session_id}:out"
+
+    def lease(self, session_id: str) -> str:
+        """String: ``{node}/{fence}`` of the worker that owns the session."""
+        return f"{self.prefix}:session:{session_id}:lease"
+
+    def org_slots(self, org: str) -> str:
+        """Sorted set: the org's sessions scored by when their slot lapses."""
+        return f"{self.prefix}:org:{org}:slots"
+
+    def org_rate(self, org: str) -> str:
+        """Sorted set: the org's admissions of the last minute, by time."""
+        return f"{self.prefix}:org:{org}:rate"
+
+    @property
+    def queued(self) -> str:
+        """Sorted set: admitted, not yet claimed sessions, by admission time."""
+        return f"{self.prefix}:queued"
+
+    @property
+    def running(self) -> str:
+        """Sorted set: claimed sessions scored by when their lease lapses,
+        so that any worker can find the sessions of a dead one."""
+        return f"{self.prefix}:running"
+
+    @property
+    def fence(self) -> str:
+        """Counter: fencing tokens, strictly increasing across the fleet."""
+        return f"{self.prefix}:fence"
+
+    @property
+    def arq_queue(self) -> str:
+        """The arq queue that carries session jobs."""
+        return f"{self.prefix}:queue"
+
+
+# Milliseconds from Redis' own clock, so that every replica and worker
+# agrees on "now" whatever their clocks say.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# A sorted set of slots lives as long as its longest slot, so a quota key
+# can never outlive every holder.
+_EXPIRE_AT_LAST = """
+local function expire_at_last(key)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if last[2] then redis.call('PEXPIREAT', key, tonumber(last[2]) + 1000) end
+end
+"""
+
+# KEYS: org_slots, org_rate, queued, session
+# ARGV: session_id, max_sessions, per_minute, queue_max, slot_ttl_ms,
+#       session_ttl_ms, then field/value pairs for the record
+# Returns {"ok", now_ms} or {reason, retry_after_ms}.
+ADMIT = (
+    _NOW
+    + _EXPIRE_AT_LAST
+    + """
+local sid, slot_ttl = ARGV[1], tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return {'org_concurrency', 1000}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - %(window)d)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return {'org_rate', tonumber(oldest[2]) + %(window)d - now}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - slot_ttl)
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then
+  return {'queue_full', 1000}
+end
+redis.call('ZADD', KEYS[1], now + slot_ttl, sid)
+expire_at_last(KEYS[1])
+redis.call('ZADD', KEYS[2], now, sid)
+redis.call('PEXPIRE', KEYS[2], %(window)d)
+redis.call('ZADD', KEYS[3], now, sid)
+redis.call('PEXPIRE', KEYS[3], slot_ttl)
+redis.call('HSET', KEYS[4], 'state', 'queued', 'admitted_ms', now,
+           unpack(ARGV, 7))
+redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]))
+return {'ok', now}
+"""
+    % {"window": RATE_WINDOW_MS}
+)
+
+# KEYS: session, lease, queued, org_slots, fence, session_env, running
+# ARGV: session_id, node, lease_ms
+# Returns {"ok", lease_token, env_flat} or {"refused", state}.
+CLAIM = (
+    _NOW
+    + _EXPIRE_AT_LAST
+    + """
+local sid, lease_ms = ARGV[1], tonumber(ARGV[3])
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' then return {'refused', state or 'missing'} end
+local token = ARGV[2] .. '/' .. redis.call('INCR', KEYS[5])
+redis.call('SET', KEYS[2], token, 'PX', lease_ms)
+redis.call('HSET', KEYS[1], 'state', 'starting', 'node', ARGV[2],
+           'claimed_ms', now, 'lease', token)
+redis.call('ZREM', KEYS[3], sid)
+redis.call('ZADD', KEYS[4], now + lease_ms, sid)
+expire_at_last(KEYS[4])
+redis.call('ZADD', KEYS[7], now + lease_ms, sid)
+local env = redis.call('HGETALL', KEYS[6])
+redis.call('DEL', KEYS[6])
+return {'ok', token, env}
+"""
+)
+
+# KEYS: lease, org_slots, running
+# ARGV: lease_token, lease_ms, session_id
+# Returns 1 while the caller owns the session, 0 once it does not.
+RENEW = (
+    _NOW
+    + _EXPIRE_AT_LAST
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local lease_ms = tonumber(ARGV[2])
+redis.call('PEXPIRE', KEYS[1], lease_ms)
+redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[3])
+expire_at_last(KEYS[2])
+redis.call('ZADD', KEYS[3], now + lease_ms, ARGV[3])
+return 1
+"""
+)
+
+# KEYS: lease, stdout
+# ARGV: lease_token, stream_ttl_ms, then field/value pairs, one entry each
+# Returns the id of the last entry added; errors with LEASE_LOST otherwise.
+APPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('LEASE_LOST')
+end
+local id
+for i = 3, #ARGV, 2 do
+  id = redis.call('XADD', KEYS[2], '*', ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
+return id
+"""
+
+# KEYS: lease, session
+# ARGV: lease_token, then field/value pairs
+# Returns 1 when written, 0 when the caller no longer owns the session.
+UPDATE = (
+    _NOW
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local fields = {}
+for i = 2, #ARGV, 2 do
+  fields[#fields + 1] = ARGV[i]
+  -- A value of "now" stamps Redis' clock, keeping every timing comparable.
+  if ARGV[i + 1] == 'now' then fields[#fields + 1] = now
+  else fields[#fields + 1] = ARGV[i + 1] end
+end
+redis.call('HSET', KEYS[2], unpack(fields))
+return 1
+"""
+)
+
+# KEYS: lease, session, org_slots, running, queued, stdout, stdin
+# ARGV: expect, session_id, retention_ms, end_json, then field/value pairs
+# ``expect`` is the owner's lease token, "queued" (cancel before a claim)
+# or "lapsed" (the owner died: its lease is gone). Returns 1 when ended.
+FINISH = (
+    _NOW
+    + """
+local expect, sid = ARGV[1], ARGV[2]
+local state = redis.call('HGET', KEYS[2], 'state')
+if not state or state == 'ended' then return 0 end
+if expect == 'queued' then
+  if state ~= 'queued' then return 0 end
+elseif expect == 'lapsed' then
+  if state == 'queued' or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+elseif redis.call('GET', KEYS[1]) ~= expect then
+  return 0
+end
+redis.call('HSET', KEYS[2], 'state', 'ended', 'ended_ms', now, unpack(ARGV, 5))
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], sid)
+redis.call('ZREM', KEYS[4], sid)
+redis.call('ZREM', KEYS[5], sid)
+redis.call('XADD', KEYS[6], '*', 'end', ARGV[4])
+local retention = tonumber(ARGV[3])
+for _, key in ipairs({KEYS[2], KEYS[6], KEYS[7]}) do
+  redis.call('PEXPIRE', key, retention)
+end
+return 1
+"""
+)

@@ -1,0 +1,164 @@
+"""The session's vocabulary: states, end causes, records and API bodies."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
+
+
+class SessionState(StrEnum):
+    """Where a session is in its life; it only ever moves forward."""
+
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class EndCause(StrEnum):
+    """The one explicit reason each session ended."""
+
+    AGENT_EXIT = "agent_exit"
+    OOM_KILLED = "oom_killed"
+    PIDS_EXHAUSTED = "pids_exhausted"
+    DISK_FULL = "disk_full"
+    IDLE_TIMEOUT = "idle_timeout"
+    LIFETIME_EXCEEDED = "lifetime_exceeded"
+    EOF_IGNORED = "eof_ignored"
+    LINE_TOO_LONG = "line_too_long"
+    RELAY_FAILED = "relay_failed"
+    CANCELLED = "cancelled"
+    DRAINED = "drained"
+    WORKER_LOST = "worker_lost"
+    START_FAILED = "start_failed"
+
+
+class LimitsRequest(BaseModel):
+    """Limits a session asks for; each must be within its profile's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory: str | int | None = None
+    cpus: float | str | None = None
+    pids: int | str | None = None
+    lifetime_s: int | None = Field(None, gt=0)
+
+    def parsed(self) -> dict[str, int]:
+        """Return the given limits in the units the profile stores."""
+        parsed: dict[str, int] = {}
+        if self.memory is not None:
+            parsed["memory_bytes"] = parse_memory_bytes(self.memory)
+        if self.cpus is not None:
+            parsed["nano_cpus"] = parse_nano_cpus(self.cpus)
+        if self.pids is not None:
+            parsed["pids_limit"] = parse_pids_limit(self.pids)
+        if self.lifetime_s is not None:
+            parsed["lifetime_s"] = self.lifetime_s
+
+        return parsed
+
+
+class CreateSession(BaseModel):
+    """Body of ``POST /v1/sessions``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str = Field(min_length=1, max_length=63)
+    env: dict[str, str] = Field(default_factory=dict, max_length=64)
+    limits: LimitsRequest = Field(default_factory=LimitsRequest)
+
+
+class SessionCreated(BaseModel):
+    """Answer to an admitted ``POST /v1/sessions``."""
+
+    id: str
+    state: SessionState
+    token: str
+    token_expires_ms: int
+
+
+class SessionTimings(BaseModel):
+    """Wall-clock milliseconds (Redis' clock) at each phase boundary."""
+
+    admitted_ms: int | None = None
+    claimed_ms: int | None = None
+    sandbox_ready_ms: int | None = None
+    first_byte_ms: int | None = None
+    ended_ms: int | None = None
+
+
+class SessionView(BaseModel):
+    """What ``GET /v1/sessions/{id}`` answers."""
+
+    id: str
+    org: str
+    profile: str
+    state: SessionState
+    cause: EndCause | None = None
+    exit_code: int | None = None
+    oom_killed: bool | None = None
+    kill_signal: str | None = None
+    detail: str | None = None
+    node: str | None = None
+    image_digest: str | None = None
+    limits: dict[str, int] = Field(default_factory=dict)
+    timings: SessionTimings
+
+
+def session_view(session_id: str, record: dict[str, str]) -> SessionView:
+    """Build the public view of a session from its Redis hash."""
+
+    def number(name: str) -> int | None:
+        value = record.get(name)
+        return int(value) if value not in (None, "") else None
+
+    oom = record.get("oom_killed")
+    timings = SessionTimings(
+        **{name: number(name) for name in SessionTimings.model_fields}
+    )
+    return SessionView(
+        id=session_id,
+        org=record["org"],
+        profile=record["profile"],
+        state=SessionState(record["state"]),
+        cause=EndCause(record["cause"]) if record.get("cause") else None,
+        exit_code=number("exit_code"),
+        oom_killed=None if oom is None else oom == "1",
+        kill_signal=record.get("kill_signal") or None,
+        detail=record.get("detail") or None,
+        node=record.get("node") or None,
+        image_digest=record.get("image_digest") or None,
+        limits=json.loads(record.get("limits", "{}")),
+        timings=timings,
+    )
+
+
+class Outcome(BaseModel):
+    """How a session ended, as the worker records it and the client sees it."""
+
+    cause: EndCause
+    exit_code: int | None = None
+    oom_killed: bool = False
+    kill_signal: str | None = None
+    detail: str | None = None
+
+    def record_fields(self) -> dict[str, str]:
+        """Return the fields to write into the session's hash."""
+        fields = {"cause": self.cause.value, "oom_killed": str(int(self.oom_killed))}
+        if self.exit_code is not None:
+            fields["exit_code"] = str(self.exit_code)
+        if self.kill_signal:
+            fields["kill_signal"] = self.kill_signal
+        if self.detail:
+            fields["detail"] = self.detail
+
+        return fields
+
+    def end_message(self) -> dict[str, Any]:
+        """Return the ``end`` control message clients receive."""
+        return {"type": "end", **self.model_dump(mode="json", exclude_none=True)}

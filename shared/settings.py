@@ -1,0 +1,243 @@
+"""Settings: one TOML file, overridden field by field from the environment.
+
+The file is named by ``--config`` or ``ACP_FLEET_CONFIG``; a variable such as
+``ACP_FLEET_WORKER__LEASE_MS=5000`` overrides ``[worker] lease_ms``. Every
+invalid value stops start-up with a ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from shared.errors import ConfigError
+from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
+
+CONFIG_VERSION = 1
+ENV_PREFIX = "ACP_FLEET_"
+
+MemoryBytes = Annotated[int, BeforeValidator(parse_memory_bytes)]
+NanoCpus = Annotated[int, BeforeValidator(parse_nano_cpus)]
+PidsLimit = Annotated[int, BeforeValidator(parse_pids_limit)]
+_NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Limits(_Strict):
+    """Resource limits of one sandbox; a session may narrow, never widen them."""
+
+    memory_bytes: MemoryBytes = Field(alias="memory")
+    nano_cpus: NanoCpus = Field(alias="cpus")
+    pids_limit: PidsLimit = Field(alias="pids")
+    lifetime_s: int = Field(3600, gt=0, le=7 * 24 * 3600)
+    nofile: int = Field(4096, ge=64, le=1_048_576)
+    tmp_bytes: MemoryBytes = Field(64 * 1024**2, alias="tmp_size")
+    home_bytes: MemoryBytes = Field(256 * 1024**2, alias="home_size")
+    workspace_bytes: MemoryBytes = Field(512 * 1024**2, alias="workspace_size")
+
+
+class AgentProfile(_Strict):
+    """An operator-named way to run one agent image."""
+
+    image: str = Field(min_length=1)
+    command: list[str] = Field(default_factory=list)
+    workdir: str = "/workspace"
+    home: str = "/home/agent"
+    user: str = Field("1000:1000", pattern=r"^[1-9]\d*:[1-9]\d*$")
+    protocol: Literal["acp", "raw"] = "acp"
+    allow_fs: bool = False
+    env: dict[str, str] = Field(default_factory=dict)
+    env_allowed: list[str] = Field(default_factory=list)
+    max_line_bytes: int = Field(16 * 1024**2, ge=4096, le=256 * 1024**2)
+    limits: Limits
+
+    @field_validator("workdir", "home")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"{path!r} must be an absolute path inside the sandbox")
+        return path
+
+    @field_validator("env_allowed")
+    @classmethod
+    def _variable_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _ENV_NAME_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return names
+
+
+class OrgConfig(_Strict):
+    """One organisation: its hashed API key and its admission limits."""
+
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    max_sessions: int = Field(ge=1, le=100_000)
+    sessions_per_minute: int = Field(ge=1, le=1_000_000)
+
+
+class SchedulerConfig(_Strict):
+    """The HTTP API and stdio gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    queue_max_depth: int = Field(1000, ge=1)
+    token_ttl_s: int = Field(3600, ge=10)
+    # How long an admitted session may wait in the queue before its quota
+    # slot lapses; longer than any sane queue wait, short enough to heal.
+    queue_slot_ttl_s: int = Field(600, ge=10)
+
+
+class WorkerConfig(_Strict):
+    """One worker per node."""
+
+    node: str = Field(default_factory=socket.gethostname, pattern=_NAME_RE)
+    max_sessions: int = Field(16, ge=1, le=4096)
+    docker_url: str = Field(default_factory=lambda: _default_docker_url())
+    lease_ms: int = Field(10_000, ge=1000)
+    heartbeat_ms: int = Field(2_000, ge=100)
+    poll_delay_ms: int = Field(50, ge=5, le=5000)
+    eof_grace_s: float = Field(3.0, gt=0, le=300)
+    kill_grace_s: float = Field(2.0, gt=0, le=300)
+    reconcile_interval_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> WorkerConfig:
+        # Three heartbeats per lease let one be late without losing the lease.
+        if self.heartbeat_ms * 3 > self.lease_ms:
+            raise ValueError(
+                "heartbeat_ms must be at most a third of lease_ms so that one "
+                "late heartbeat does not lose the lease"
+            )
+        return self
+
+
+def _default_docker_url() -> str:
+    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+
+class FleetSettings(BaseSettings):
+    """Everything a scheduler replica or a worker needs to run."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    config_version: int
+    fleet: str = Field("acp-fleet", pattern=_NAME_RE)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("acpf", pattern=r"^[a-z0-9_-]{1,32}$")
+    token_secret: SecretStr = Field(min_length=32)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    orgs: dict[str, OrgConfig] = Field(default_factory=dict)
+    profiles: dict[str, AgentProfile] = Field(default_factory=dict)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+
+    @field_validator("config_version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        if version != CONFIG_VERSION:
+            raise ValueError(
+                f"version {version} is not supported; accepted: {CONFIG_VERSION}"
+            )
+        return version
+
+    @field_validator("orgs", "profiles")
+    @classmethod
+    def _names(cls, table: dict[str, Any]) -> dict[str, Any]:
+        for name in table:
+            if not re.fullmatch(_NAME_RE, name):
+                raise ValueError(
+                    f"{name!r} is not a valid name: use lower-case letters, "
+                    "digits, '.', '_' or '-', starting with a letter or digit"
+                )
+        return table
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init arguments; the environment wins.
+        return env_settings, init_settings
+
+
+def load_settings(path: str | Path | None = None) -> FleetSettings:
+    """Load the settings file and apply environment overrides.
+
+    Args:
+        path: the TOML file; ``ACP_FLEET_CONFIG`` when None.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a field is invalid.
+    """
+    path = path or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        data = _read_toml(Path(path))
+    try:
+        return FleetSettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source=str(path))) from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+_SECRET_WORDS = ("secret", "key", "env", "token")
+
+
+def describe_validation_error(exc: ValidationError, *, source: str) -> str:
+    """Render each error as ``field.path: reason``, never echoing secrets."""
+    lines = [f"invalid settings in {source}:"]
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(root)"
+        reason = error["msg"].removeprefix("Value error, ")
+        shown = error.get("input")
+        secret = any(word in field.lower() for word in _SECRET_WORDS)
+        if error["type"] == "extra_forbidden":
+            reason = "is not a known setting"
+        elif isinstance(shown, str | int | float) and not secret:
+            reason = f"{reason} (got {shown!r})"
+        lines.append(f"  {field}: {reason}")
+
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""The one module that talks to Redis about sessions.
+
+It runs the scripts of ``shared.keys``, reads and writes the stdio streams,
+and turns redis-py's errors into the fleet's. Two clients are used: one for
+short commands, with a socket timeout, and one for blocking stream reads,
+whose reads are cut into slices shorter than any socket timeout it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from shared.errors import LeaseLost
+from shared.keys import (
+    ADMIT,
+    APPEND,
+    CLAIM,
+    FINISH,
+    RENEW,
+    RETENTION_MS,
+    UPDATE,
+    Keys,
+)
+from shared.models import Outcome
+
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+
+# A blocking read is cut into slices this much shorter than the client's
+# socket timeout, so the reply always lands before the socket gives up.
+_SOCKET_MARGIN_S = 1.0
+# Redis treats BLOCK 0 as "forever"; one slice of a forever read is this long.
+_FOREVER_SLICE_MS = 60_000
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Outcome of the admission script."""
+
+    admitted: bool
+    reason: str | None = None
+    retry_after_ms: int = 0
+    admitted_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's ownership of a session, proven by its lease token."""
+
+    session_id: str
+    org: str
+    token: str
+    record: dict[str, str]
+    env: dict[str, str]
+
+
+class SessionStore:
+    """Session records, leases, quotas and stdio streams in Redis."""
+
+    def __init__(self, redis: Redis, *, keys: Keys, blocking: Redis | None = None):
+        self.redis = redis
+        self.blocking = blocking or redis
+        self.keys = keys
+        self._admit = redis.register_script(ADMIT)
+        self._claim = redis.register_script(CLAIM)
+        self._renew = redis.register_script(RENEW)
+        self._append = redis.register_script(APPEND)
+        self._update = redis.register_script(UPDATE)
+        self._finish = redis.register_script(FINISH)
+
+    async def admit(
+        self,
+        session_id: str,
+        *,
+        org: str,
+        max_sessions: int,
+        per_minute: int,
+        queue_max: int,
+        slot_ttl_ms: int,
+        session_ttl_ms: int,
+        fields: Mapping[str, str],
+    ) -> Admission:
+        """Count the session against its org's quotas and record it as queued."""
+        k = self.keys
+        flat = [item for pair in fields.items() for item in pair]
+        reply = await self._admit(
+            keys=[k.org_slots(org), k.org_rate(org), k.queued, k.session(session_id)],
+            args=[
+                session_id,
+                max_sessions,
+                per_minute,
+                queue_max,
+                slot_ttl_ms,
+                session_ttl_ms,
+                "org",
+                org,
+                *flat,
+            ],
+        )
+        verdict = _text(reply[0])
+        if verdict == "ok":
+            return Admission(admitted=True, admitted_ms=int(reply[1]))
+
+        return Admission(admitted=False, reason=verdict, retry_after_ms=int(reply[1]))
+
+    async def put_env(
+        self, session_id: str, env: Mapping[str, str], ttl_ms: int
+    ) -> None:
+        """Keep per-session environment until the claim that consumes it."""
+        if not env:
+            return
+        key = self.keys.session_env(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=dict(env))
+            pipe.pexpire(key, ttl_ms)
+            await pipe.execute()
+
+    async def record(self, session_id: str) -> dict[str, str] | None:
+        """Return the session's record, or None when there is none."""
+        raw = await self.redis.hgetall(self.keys.session(session_id))
+        if not raw:
+            return None
+        return {_text(name): _text(value) for name, value in raw.items()}
+
+    async def claim(self, session_id: str, *, node: str, lease_ms: int) -> Claim | None:
+        """Take a queued session for this node; None if it is not claimable."""
+        k = self.keys
+        org = await self.redis.hget(k.session(session_id), "org")
+        if org is None:
+            return None
+        org = _text(org)
+        reply = await self._claim(
+            keys=[
+                k.session(session_id),
+                k.lease(session_id),
+                k.queued,
+                k.org_slots(org),
+                k.fence,
+                k.session_env(session_id),
+                k.running,
+            ],
+            args=[session_id, node, lease_ms],
+        )
+        if _text(reply[0]) != "ok":
+            return None
+        flat = [_text(item) for item in reply[2]]
+        record = await self.record(session_id) or {}
+
+        return Claim(
+            session_id=session_id,
+            org=org,
+            token=_text(reply[1]),
+            record=record,
+            env=dict(zip(flat[::2], flat[1::2], strict=True)),
+        )
+
+    async def renew(self, claim: Claim, lease_ms: int) -> bool:
+        """Extend the lease and the quota slot; False once ownership is gone."""
+        k = self.keys
+        kept = await self._renew(
+            keys=[k.lease(claim.session_id), k.org_slots(claim.org), k.running],
+            args=[claim.token, lease_ms, claim.session_id],
+        )
+        return bool(kept)
+
+    async def append(
+        self, claim: Claim, entries: Sequence[tuple[bytes, bytes]], ttl_ms: int
+    ) -> bytes:
+        """Add stdout/stderr entries, fenced by the lease; returns the last id.
+
+        Raises:
+            LeaseLost: another owner holds the session now.
+        """
+        args: list[bytes | str | int] = [claim.token, ttl_ms]
+        for field, value in entries:
+            args += [field, value]
+        k = self.keys
+        try:
+            last_id = await self._append(
+                keys=[k.lease(claim.session_id), k.stdout(claim.session_id)],
+                args=args,
+            )
+        except ResponseError as exc:
+            if "LEASE_LOST" in str(exc):
+                raise LeaseLost(claim.session_id) from exc
+            raise
+        return bytes(last_id)
+
+    async def update(self, claim: Claim, fields: Mapping[str, str]) -> bool:
+        """Write fields of the session's record while owning it.
+
+        A value of ``"now"`` is replaced by Redis' clock in milliseconds.
+        """
+        flat = [item for pair in fields.items() for item in pair]
+        k = self.keys
+        written = await self._update(
+            keys=[k.lease(claim.session_id), k.session(claim.session_id)],
+            args=[claim.token, *flat],
+        )
+        return bool(written)
+
+    async def finish(
+        self,
+        session_id: str,
+        *,
+        org: str,
+        expect: str,
+        outcome: Outcome,
+        extra: Mapping[str, str] | None = None,
+    ) -> bool:
+        """End the session once: record the outcome, free its slot, close stdout.
+
+        Args:
+            expect: the owner's lease token; ``"queued"`` to end a session no
+                worker claimed; ``"lapsed"`` to end one whose owner died.
+
+        Returns:
+            True when this call ended the session, False when it was not
+            (or no longer) the caller's to end.
+        """
+        k = self.keys
+        fields = {**outcome.record_fields(), **(extra or {})}
+        flat = [item for pair in fields.items() for item in pair]
+        ended = await self._finish(
+            keys=[
+                k.lease(session_id),
+                k.session(session_id),
+                k.org_slots(org),
+                k.running,
+                k.queued,
+                k.stdout(session_id),
+                k.stdin(session_id),
+            ],
+            args=[
+                expect,
+                session_id,
+                RETENTION_MS,
+                json.dumps(outcome.end_message()),
+                *flat,
+            ],
+        )
+        return bool(ended)
+
+    async def write_stdin(
+        self,
+        session_id: str,
+        field: str,
+        value: bytes = b"",
+        ttl_ms: int = RETENTION_MS,
+    ) -> bytes:
+        """Append client-to-agent data (``d``), ``eof`` or ``cancel``."""
+        key = self.keys.stdin(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(key, {field: value})
+            pipe.pexpire(key, ttl_ms)
+            entry_id, _ = await pipe.execute()
+        return bytes(entry_id)
+
+    async def read_stream(
+        self, key: str, cursor: bytes | str, *, block_ms: int, count: int = 512
+    ) -> list[StreamEntry]:
+        """Read entries after ``cursor``, waiting up to ``block_ms`` (0: forever).
+
+        Returns an empty list when the wait ends with nothing new. The wait
+        never fails on the blocking client's socket timeout, however long.
+        """
+        deadline = None if block_ms == 0 else time.monotonic() + block_ms / 1000
+        slice_ms = self._slice_ms()
+        while True:
+            wait_ms = slice_ms
+            if deadline is not None:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    return []
+                wait_ms = min(slice_ms, left_ms)
+            reply = await self.blocking.xread({key: cursor}, count=count, block=wait_ms)
+            if reply:
+                return [(bytes(i), dict(f)) for i, f in reply[0][1]]
+
+    def _slice_ms(self) -> int:
+        timeout_s = self.blocking.connection_pool.connection_kwargs.get(
+            "socket_timeout"
+        )
+        if timeout_s is None:
+            return _FOREVER_SLICE_MS
+        return max(100, int((float(timeout_s) - _SOCKET_MARGIN_S) * 1000))
+
+    async def close(self) -> None:
+        """Close both clients."""
+        await self.redis.aclose()
+        if self.blocking is not self.redis:
+            await self.blocking.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def wait_for_redis(redis: Redis, timeout_s: float) -> None:
+    """Wait until Redis answers PING, up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await redis.ping()
+            return
+        except (RedisConnectionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)

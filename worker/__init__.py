@@ -1,0 +1,1 @@
+"""The node's worker: claims sessions, runs their sandboxes, relays stdio."""

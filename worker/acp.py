@@ -1,0 +1,72 @@
+"""The guard on what a client tells an ACP agent in a sandbox.
+
+A client that advertises ``fs`` or ``terminal`` in ``initialize`` invites the
+agent to read, write and run things on the client's own machine, which is
+exactly what the sandbox exists to prevent. The guard withdraws those
+capabilities (``fs`` stays when the profile allows it) and points the
+``cwd`` of ``session/new`` and ``session/load`` at the sandbox workspace,
+since the client's path means nothing inside the container. Every other
+byte passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_GUARDED_METHODS = (b'"initialize"', b'"session/new"', b'"session/load"')
+
+
+class AcpGuard:
+    """Rewrite the client's requests line by line on their way to the agent."""
+
+    def __init__(self, *, workdir: str, allow_fs: bool) -> None:
+        self.workdir = workdir
+        self.allow_fs = allow_fs
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the complete lines of ``data``, guarded; keep the rest."""
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._pending += data
+            return b""
+        lines = bytes(self._pending) + data[: cut + 1]
+        self._pending = bytearray(data[cut + 1 :])
+
+        return b"".join(self._guard(line) for line in lines.splitlines(True))
+
+    def flush(self) -> bytes:
+        """Return what is left at EOF, guarded as a last line."""
+        rest = bytes(self._pending)
+        self._pending.clear()
+        return self._guard(rest) if rest else b""
+
+    def _guard(self, line: bytes) -> bytes:
+        # Only lines that can be guarded requests pay for a JSON parse.
+        if not any(method in line for method in _GUARDED_METHODS):
+            return line
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return line
+        if not isinstance(message, dict) or not isinstance(message.get("params"), dict):
+            return line
+        method = message.get("method")
+        if method == "initialize":
+            self._withdraw_capabilities(message["params"])
+        elif method in ("session/new", "session/load"):
+            message["params"]["cwd"] = self.workdir
+        else:
+            return line
+        ending = line[len(line.rstrip(b"\r\n")) :]
+
+        return json.dumps(message, separators=(",", ":")).encode() + ending
+
+    def _withdraw_capabilities(self, params: dict[str, Any]) -> None:
+        capabilities = params.get("clientCapabilities")
+        if not isinstance(capabilities, dict):
+            return
+        capabilities["terminal"] = False
+        if not self.allow_fs:
+            capabilities["fs"] = {"readTextFile": False, "writeTextFile": False}

@@ -1,0 +1,306 @@
+"""The one module that talks to the Docker Engine.
+
+Containers are created from a ``SandboxSpec`` with the hardened defaults of
+the design, attached before they start, and removed by their id. Every
+aiodocker error is turned into ``SandboxError`` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiodocker
+import aiohttp
+
+from shared.errors import SandboxError
+from shared.settings import AgentProfile, Limits
+
+LABEL_FLEET = "io.acp-fleet.fleet"
+LABEL_NODE = "io.acp-fleet.node"
+LABEL_SESSION = "io.acp-fleet.session"
+LABEL_POOL = "io.acp-fleet.pool"
+# The process-count ulimit counts every process of the agent uid on the
+# host, across sandboxes, so it is only a node-wide backstop; PidsLimit is
+# the per-sandbox bound.
+NPROC_BACKSTOP = 65_536
+_READ_BYTES = 256 * 1024
+
+
+def seccomp_profile() -> str:
+    """Return the seccomp profile shipped with the worker, as JSON text."""
+    text = resources.files("worker").joinpath("seccomp.json").read_text()
+    # Compact it: Docker takes the profile inline in SecurityOpt.
+    return json.dumps(json.loads(text), separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything needed to create one session's sandbox."""
+
+    session_id: str
+    profile_name: str
+    profile: AgentProfile
+    limits: Limits
+    image: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def container_config(
+    spec: SandboxSpec, *, fleet: str, node: str, seccomp: str
+) -> dict[str, Any]:
+    """Return the Engine API body that creates ``spec``'s hardened container."""
+    profile, limits = spec.profile, spec.limits
+    uid, gid = profile.user.split(":")
+
+    def tmpfs(size_bytes: int, mode: str, *, executable: bool) -> str:
+        exec_flag = "exec" if executable else "noexec"
+        return (
+            f"rw,nosuid,nodev,{exec_flag},size={size_bytes},"
+            f"uid={uid},gid={gid},mode={mode}"
+        )
+
+    env = {"HOME": profile.home, **profile.env, **spec.env}
+    return {
+        "Image": spec.image,
+        "Cmd": profile.command or None,
+        "User": profile.user,
+        "WorkingDir": profile.workdir,
+        "Env": [f"{name}={value}" for name, value in env.items()],
+        "Labels": {
+            LABEL_FLEET: fleet,
+            LABEL_NODE: node,
+            LABEL_SESSION: spec.session_id,
+            LABEL_POOL: spec.profile_name,
+        },
+        # stdin EOF reaches the agent only when stdin is opened once and the
+        # attach socket is half-closed; a TTY would rewrite line endings.
+        "OpenStdin": True,
+        "StdinOnce": True,
+        "AttachStdin": True,
+        "AttachStdout": True,
+        "AttachStderr": True,
+        "Tty": False,
+        "NetworkDisabled": True,
+        "HostConfig": {
+            "NetworkMode": "none",
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges:true", f"seccomp={seccomp}"],
+            "ReadonlyRootfs": True,
+            "Tmpfs": {
+                "/tmp": tmpfs(limits.tmp_bytes, "1777", executable=False),
+                "/run": tmpfs(8 * 1024**2, "0755", executable=False),
+                profile.home: tmpfs(limits.home_bytes, "0700", executable=True),
+                profile.workdir: tmpfs(limits.workspace_bytes, "0755", executable=True),
+            },
+            # An init as PID 1 reaps zombies and forwards SIGTERM, so a stop
+            # does not wait out its whole timeout.
+            "Init": True,
+            "Memory": limits.memory_bytes,
+            "MemorySwap": limits.memory_bytes,
+            "OomKillDisable": False,
+            "PidsLimit": limits.pids_limit,
+            "NanoCpus": limits.nano_cpus,
+            "Ulimits": [
+                {"Name": "nofile", "Soft": limits.nofile, "Hard": limits.nofile},
+                {"Name": "nproc", "Soft": NPROC_BACKSTOP, "Hard": NPROC_BACKSTOP},
+            ],
+            "LogConfig": {"Type": "none", "Config": {}},
+            "AutoRemove": False,
+            "RestartPolicy": {"Name": "no"},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class ExitState:
+    """What Docker says about a container that stopped."""
+
+    exit_code: int
+    oom_killed: bool
+    error: str
+
+
+class AttachedStdio:
+    """The raw, hijacked attach connection of one container.
+
+    aiodocker's attach stream cannot half-close: its close shuts both
+    directions and loses output written after stdin's EOF. This keeps the
+    socket's two halves apart.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self) -> bytes:
+        """Return the next chunk of multiplexed output; b"" at end of stream."""
+        return await self._reader.read(_READ_BYTES)
+
+    async def write(self, data: bytes) -> None:
+        """Write to the agent's stdin, waiting while the socket is full."""
+        self._writer.write(data)
+        await self._writer.drain()
+
+    def close_stdin(self) -> None:
+        """Half-close the socket: the agent reads EOF, output keeps flowing."""
+        if self._writer.can_write_eof() and not self._writer.is_closing():
+            self._writer.write_eof()
+
+    async def close(self) -> None:
+        """Close both directions."""
+        self._writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self._writer.wait_closed()
+
+
+class DockerRuntime:
+    """Sandboxes on this node's Docker Engine."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._docker: aiodocker.Docker | None = None
+        self._api_version = "v1.41"
+
+    async def open(self) -> None:
+        """Connect and learn the Engine's API version."""
+        # aiohttp's default pool of 100 connections is held by long-lived
+        # attach and wait calls; past it every call would block for good.
+        split = urlsplit(self.url)
+        if split.scheme == "unix":
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
+                split.path, limit=0
+            )
+            base = "unix://localhost"
+        else:
+            connector = aiohttp.TCPConnector(limit=0)
+            base = self.url
+        self._docker = aiodocker.Docker(url=base, connector=connector)
+        version = await self._call(self.docker.version())
+        self._api_version = "v" + str(version["ApiVersion"])
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            raise RuntimeError("DockerRuntime.open() was not awaited")
+        return self._docker
+
+    async def close(self) -> None:
+        """Close the client and the connector it was given."""
+        if self._docker is not None:
+            await self._docker.close()
+            await self._docker.connector.close()
+
+    async def image_digest(self, image: str) -> str:
+        """Return the repository digest of ``image``, or its id when it has none."""
+        info = await self._call(self.docker.images.inspect(image))
+        digests = info.get("RepoDigests") or []
+        return str(digests[0] if digests else info["Id"])
+
+    async def create(self, config: Mapping[str, Any], *, name: str) -> str:
+        """Create a container and return its id."""
+        container = await self._call(
+            self.docker.containers.create(dict(config), name=name)
+        )
+        return str(container.id)
+
+    async def attach(self, container_id: str) -> AttachedStdio:
+        """Open the container's stdio; call before start to miss nothing."""
+        split = urlsplit(self.url)
+        try:
+            if split.scheme == "unix":
+                reader, writer = await asyncio.open_unix_connection(split.path)
+            else:
+                reader, writer = await asyncio.open_connection(
+                    split.hostname, split.port
+                )
+            request = (
+                f"POST /{self._api_version}/containers/{container_id}/attach"
+                "?stream=1&stdin=1&stdout=1&stderr=1 HTTP/1.1\r\n"
+                "Host: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+                "Content-Length: 0\r\n\r\n"
+            )
+            writer.write(request.encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise SandboxError(
+                f"attach to {container_id} failed: {exc}", container_id=container_id
+            ) from exc
+        status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
+        if status not in (b"101", b"200"):
+            writer.close()
+            raise SandboxError(
+                f"attach to {container_id} answered {head.splitlines()[0]!r}",
+                container_id=container_id,
+            )
+
+        return AttachedStdio(reader, writer)
+
+    async def start(self, container_id: str) -> None:
+        """Start a created container."""
+        container = self.docker.containers.container(container_id)
+        await self._call(container.start(), container_id=container_id)
+
+    async def wait_exit(self, container_id: str) -> ExitState:
+        """Wait until the container is not running, then report how it ended."""
+        container = self.docker.containers.container(container_id)
+        await self._call(
+            container.wait(condition="not-running"), container_id=container_id
+        )
+        info = await self._call(container.show(), container_id=container_id)
+        state = info["State"]
+        return ExitState(
+            exit_code=int(state["ExitCode"]),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=str(state.get("Error") or ""),
+        )
+
+    async def kill(self, container_id: str, signal: str) -> bool:
+        """Send ``signal``; False when the container was no longer running."""
+        container = self.docker.containers.container(container_id)
+        try:
+            await self._call(container.kill(signal=signal), container_id=container_id)
+        except SandboxError as exc:
+            if exc.status in (404, 409):
+                return False
+            raise
+        return True
+
+    async def remove(self, container_id: str) -> None:
+        """Remove the container and its anonymous volumes; gone is fine."""
+        container = self.docker.containers.container(container_id)
+        try:
+            await self._call(
+                container.delete(force=True, v=True), container_id=container_id
+            )
+        except SandboxError as exc:
+            if exc.status != 404:
+                raise
+
+    async def labelled(self, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Return every container, running or not, carrying all ``labels``."""
+        filters = {"label": [f"{name}={value}" for name, value in labels.items()]}
+        containers = await self._call(
+            self.docker.containers.list(all=True, filters=json.dumps(filters))
+        )
+        return [c._container for c in containers]
+
+    async def _call(self, awaitable: Any, *, container_id: str | None = None) -> Any:
+        try:
+            return await awaitable
+        except aiodocker.DockerError as exc:
+            message = exc.message if isinstance(exc.message, str) else str(exc)
+            raise SandboxError(
+                message, status=exc.status, container_id=container_id
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise SandboxError(
+                f"Docker Engine unreachable at {self.url}: {exc}",
+                container_id=container_id,
+            ) from exc

@@ -1,0 +1,146 @@
+"""The worker process: an arq worker that runs this node's sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+from redis.asyncio import Redis
+
+from shared.keys import Keys
+from shared.logs import configure_logging
+from shared.settings import FleetSettings
+from shared.store import SessionStore
+from worker.docker import DockerRuntime, seccomp_profile
+from worker.reconcile import Reconciler
+from worker.session import Images, SessionRunner
+
+log = structlog.get_logger("worker")
+
+# arq's own timeout is only a backstop: each session's lifetime timer ends
+# it first, so the job may run this much longer than the longest lifetime.
+_JOB_TIMEOUT_MARGIN_S = 300
+
+
+async def run_session(ctx: dict[str, Any], session_id: str) -> str:
+    """The arq job: run one session to its end."""
+    runner: SessionRunner = ctx["runner"]
+    return await runner.run(session_id)
+
+
+def build_worker(settings: FleetSettings) -> Worker:
+    """Return the arq worker for this node, ready to ``async_run``."""
+    keys = Keys(settings.key_prefix)
+    longest_s = max(
+        (p.limits.lifetime_s for p in settings.profiles.values()), default=3600
+    )
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        await _start(ctx, settings, keys)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        await _stop(ctx)
+
+    return Worker(
+        functions=[
+            # One try only: a session must never start twice, and a job
+            # that arq retries finds its session already claimed.
+            func(run_session, name="run_session", max_tries=1),  # type: ignore[arg-type]
+        ],
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        queue_name=keys.arq_queue,
+        max_jobs=settings.worker.max_sessions,
+        job_timeout=longest_s + _JOB_TIMEOUT_MARGIN_S,
+        poll_delay=settings.worker.poll_delay_ms / 1000,
+        keep_result=0,
+        on_startup=startup,
+        on_shutdown=shutdown,
+        handle_signals=True,
+    )
+
+
+async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> None:
+    runtime = DockerRuntime(settings.worker.docker_url)
+    await runtime.open()
+    # Blocking stdin reads get a client without a socket timeout of its own.
+    blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
+    store = SessionStore(ctx["redis"], keys=keys, blocking=blocking)
+    images = await _resolve_images(runtime, settings)
+    runner = SessionRunner(
+        settings=settings,
+        store=store,
+        runtime=runtime,
+        seccomp=seccomp_profile(),
+        images=images,
+    )
+    reconciler = Reconciler(
+        store=store,
+        runtime=runtime,
+        fleet=settings.fleet,
+        node=settings.worker.node,
+        owned=runner.active,
+    )
+    await reconciler.run_once()
+    ctx.update(runtime=runtime, blocking=blocking, runner=runner)
+    ctx["reconcile_task"] = asyncio.create_task(
+        _reconcile_forever(reconciler, settings), name="reconcile"
+    )
+    structlog.contextvars.bind_contextvars(node=settings.worker.node)
+    log.info(
+        "worker.started",
+        max_sessions=settings.worker.max_sessions,
+        profiles=sorted(images.refs),
+    )
+
+
+async def _resolve_images(runtime: DockerRuntime, settings: FleetSettings) -> Images:
+    """Pin each profile's image to what it names now, for the worker's life."""
+    images = Images()
+    for name, profile in settings.profiles.items():
+        digest = await runtime.image_digest(profile.image)
+        images.digests[name] = digest
+        # A local image with no repository digest is pinned by its id.
+        images.refs[name] = digest if digest.startswith("sha256:") else profile.image
+    return images
+
+
+async def _reconcile_forever(reconciler: Reconciler, settings: FleetSettings) -> None:
+    # Lapsed leases are looked for twice per lease period, so a dead
+    # worker's sessions end within one and a half lease periods at most;
+    # orphaned containers cost only memory and are swept less often.
+    tick_s = settings.worker.lease_ms / 2000
+    sweep_every = max(1, round(settings.worker.reconcile_interval_s / tick_s))
+    ticks = 0
+    while True:
+        await asyncio.sleep(tick_s)
+        ticks += 1
+        try:
+            await reconciler.end_lapsed_sessions()
+            if ticks % sweep_every == 0:
+                await reconciler.remove_orphans()
+        except Exception:
+            log.exception("reconcile.failed")
+
+
+async def _stop(ctx: dict[str, Any]) -> None:
+    task = ctx.get("reconcile_task")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if "runtime" in ctx:
+        await ctx["runtime"].close()
+        await ctx["blocking"].aclose()
+    log.info("worker.stopped")
+
+
+def run_worker(settings: FleetSettings) -> None:
+    """Run the worker until SIGINT or SIGTERM."""
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    # arq binds its signal handlers to the loop current at construction.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    build_worker(settings).run()

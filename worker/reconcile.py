@@ -1,0 +1,100 @@
+"""Reconciliation: what Redis says is running against what Docker runs.
+
+At start-up and on a timer the worker removes every container of its node
+that no session of this process owns, and ends as ``worker_lost`` every
+session whose owner stopped renewing its lease, on any node.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from shared.errors import SandboxError
+from shared.models import EndCause, Outcome
+from shared.store import SessionStore
+from worker.docker import LABEL_FLEET, LABEL_NODE, LABEL_SESSION, DockerRuntime
+
+log = structlog.get_logger("worker.reconcile")
+
+
+class Reconciler:
+    """Heal the traces of dead workers, on this node and in Redis."""
+
+    def __init__(
+        self,
+        *,
+        store: SessionStore,
+        runtime: DockerRuntime,
+        fleet: str,
+        node: str,
+        owned: set[str] | dict[str, object],
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.labels = {LABEL_FLEET: fleet, LABEL_NODE: node}
+        self.node = node
+        # Sessions this process runs; their containers are never touched.
+        self.owned = owned
+
+    async def run_once(self) -> tuple[int, int]:
+        """Return (containers removed, sessions ended as lost)."""
+        removed = await self.remove_orphans()
+        lost = await self.end_lapsed_sessions()
+        if removed or lost:
+            log.info("reconcile.healed", containers_removed=removed, sessions_lost=lost)
+        return removed, lost
+
+    async def remove_orphans(self) -> int:
+        """Remove this node's labelled containers that no live run owns."""
+        removed = 0
+        for container in await self.runtime.labelled(self.labels):
+            session_id = container.get("Labels", {}).get(LABEL_SESSION, "")
+            if session_id in self.owned:
+                continue
+            await self._end_own_orphan(session_id)
+            try:
+                await self.runtime.remove(container["Id"])
+            except SandboxError:
+                log.exception("reconcile.remove_failed", container_id=container["Id"])
+                continue
+            removed += 1
+
+        return removed
+
+    async def _end_own_orphan(self, session_id: str) -> None:
+        # A lease held under this node's name but by no run of this process
+        # belongs to an earlier incarnation of this worker: it is dead.
+        record = await self.store.record(session_id)
+        if record is None or record.get("state") == "ended":
+            return
+        lease = record.get("lease", "")
+        if lease.startswith(f"{self.node}/"):
+            await self.store.finish(
+                session_id,
+                org=record["org"],
+                expect=lease,
+                outcome=Outcome(cause=EndCause.WORKER_LOST, detail="worker restarted"),
+            )
+
+    async def end_lapsed_sessions(self) -> int:
+        """End every claimed session whose lease has lapsed."""
+        seconds, micros = await self.store.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        lapsed = await self.store.redis.zrangebyscore(
+            self.store.keys.running, "-inf", now_ms
+        )
+        ended = 0
+        for raw in lapsed:
+            session_id = raw.decode()
+            record = await self.store.record(session_id)
+            if record is None:
+                await self.store.redis.zrem(self.store.keys.running, session_id)
+                continue
+            ended += await self.store.finish(
+                session_id,
+                org=record["org"],
+                expect="lapsed",
+                outcome=Outcome(cause=EndCause.WORKER_LOST, detail="lease lapsed"),
+            )
+
+        return ended

@@ -1,0 +1,393 @@
+"""One session's life on a worker: claim, create, start, relay, finish.
+
+Each step is a method of ``SessionRun``; ``SessionRunner`` turns an arq job
+into a run. The first reason to stop a sandbox wins and becomes the
+session's end cause; whatever happens, the container is removed and the
+outcome is recorded, shielded from the cancellation of a draining worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
+
+from shared.errors import FrameError, LeaseLost, SandboxError
+from shared.keys import RETENTION_MS
+from shared.models import EndCause, Outcome
+from shared.settings import FleetSettings
+from shared.store import Claim, SessionStore
+from worker.acp import AcpGuard
+from worker.docker import (
+    AttachedStdio,
+    DockerRuntime,
+    ExitState,
+    SandboxSpec,
+    container_config,
+)
+from worker.frames import STDOUT, FrameDecoder, LineBuffer, LineTooLong
+
+log = structlog.get_logger("worker.session")
+
+# After the attach stream ends, the exit state is normally known within
+# milliseconds; past this the relay reports the Engine as stuck.
+_EXIT_WAIT_S = 30.0
+
+
+@dataclass
+class Images:
+    """Image references resolved once per worker, by profile name."""
+
+    refs: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+class SessionRunner:
+    """Run the sessions that arq hands this worker."""
+
+    def __init__(
+        self,
+        *,
+        settings: FleetSettings,
+        store: SessionStore,
+        runtime: DockerRuntime,
+        seccomp: str,
+        images: Images,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.seccomp = seccomp
+        self.images = images
+        self.active: dict[str, SessionRun] = {}
+
+    async def run(self, session_id: str) -> str:
+        """Run one session to its end; a session already taken is left alone."""
+        node = self.settings.worker.node
+        with structlog.contextvars.bound_contextvars(session_id=session_id, node=node):
+            claim = await self.store.claim(
+                session_id, node=node, lease_ms=self.settings.worker.lease_ms
+            )
+            if claim is None:
+                log.debug("session.claim_refused")
+                return "refused"
+            run = SessionRun(self, claim)
+            self.active[session_id] = run
+            try:
+                with structlog.contextvars.bound_contextvars(org=claim.org):
+                    outcome = await run.run()
+            finally:
+                del self.active[session_id]
+
+        return outcome.cause.value
+
+
+class SessionRun:
+    """The life of one claimed session on this worker."""
+
+    def __init__(self, runner: SessionRunner, claim: Claim) -> None:
+        self.runner = runner
+        self.claim = claim
+        self.settings = runner.settings
+        self.store = runner.store
+        self.runtime = runner.runtime
+        self.session_id = claim.session_id
+        self.profile_name = claim.record["profile"]
+        self.container_id: str | None = None
+        self.stdio: AttachedStdio | None = None
+        self._stop_cause: EndCause | None = None
+        self._stop_detail: str | None = None
+        self._kill_signal: str | None = None
+        self._lease_lost = False
+        self._first_byte = False
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def run(self) -> Outcome:
+        """Run the sandbox and return how the session ended."""
+        heartbeat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        outcome = Outcome(cause=EndCause.START_FAILED)
+        try:
+            outcome = await self._run_sandbox()
+        except asyncio.CancelledError:
+            outcome = Outcome(cause=EndCause.DRAINED, detail="worker stopped")
+            raise
+        finally:
+            heartbeat.cancel()
+            await _shielded(self._cleanup(outcome))
+
+        return outcome
+
+    async def _run_sandbox(self) -> Outcome:
+        try:
+            spec = self._spec()
+            await self._create(spec)
+            await self._start()
+        except SandboxError as exc:
+            log.exception("session.start_failed", docker_status=exc.status)
+            return Outcome(cause=EndCause.START_FAILED, detail=str(exc))
+        except LeaseLost:
+            return Outcome(cause=EndCause.WORKER_LOST, detail="lease lost")
+        log.info("session.started", container_id=self.container_id)
+
+        exit_state = await self._relay()
+
+        return self._outcome(exit_state)
+
+    def _spec(self) -> SandboxSpec:
+        profile = self.settings.profiles.get(self.profile_name)
+        if profile is None:
+            raise SandboxError(f"profile {self.profile_name!r} is not configured here")
+        narrowed = json.loads(self.claim.record.get("limits", "{}"))
+        # The scheduler already parsed and bounded these; no second parse.
+        limits = profile.limits.model_copy(update=narrowed)
+        self.limits = limits
+        self.profile = profile
+
+        return SandboxSpec(
+            session_id=self.session_id,
+            profile_name=self.profile_name,
+            profile=profile,
+            limits=limits,
+            image=self.runner.images.refs.get(self.profile_name, profile.image),
+            env=self.claim.env,
+        )
+
+    async def _create(self, spec: SandboxSpec) -> None:
+        config = container_config(
+            spec,
+            fleet=self.settings.fleet,
+            node=self.settings.worker.node,
+            seccomp=self.runner.seccomp,
+        )
+        name = f"{self.settings.fleet}-{self.session_id}"
+        self.container_id = await self.runtime.create(config, name=name)
+        digest = self.runner.images.digests.get(self.profile_name, "")
+        structlog.contextvars.bind_contextvars(
+            container_id=self.container_id[:12], image_digest=digest
+        )
+        await self._update({"container_id": self.container_id, "image_digest": digest})
+
+    async def _start(self) -> None:
+        assert self.container_id is not None
+        # Attach before start, so not one byte of early output is missed.
+        self.stdio = await self.runtime.attach(self.container_id)
+        await self.runtime.start(self.container_id)
+        await self._update({"state": "running", "sandbox_ready_ms": "now"})
+
+    async def _relay(self) -> ExitState | None:
+        """Carry stdio both ways until the sandbox stops; return its exit."""
+        assert self.container_id is not None
+        self._tasks = [
+            asyncio.create_task(self._pump_in(), name="stdin"),
+            asyncio.create_task(self._lifetime(), name="lifetime"),
+        ]
+        try:
+            await self._pump_out()
+            return await asyncio.wait_for(
+                self.runtime.wait_exit(self.container_id), _EXIT_WAIT_S
+            )
+        except (SandboxError, TimeoutError) as exc:
+            log.exception("session.exit_unknown")
+            self._note_stop(EndCause.RELAY_FAILED, f"exit state unknown: {exc}")
+            return None
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _pump_out(self) -> None:
+        """Relay the agent's stdout and stderr into the session's stream."""
+        assert self.stdio is not None
+        decoder = FrameDecoder()
+        lines: LineBuffer | None = LineBuffer(self.profile.max_line_bytes)
+        while chunk := await self.stdio.read():
+            try:
+                pieces = decoder.feed(chunk)
+            except FrameError as exc:
+                await self._stop(EndCause.RELAY_FAILED, str(exc), graceful=False)
+                return
+            entries: list[tuple[bytes, bytes]] = []
+            for stream, data in pieces:
+                if stream != STDOUT:
+                    entries.append((b"e", data))
+                    continue
+                if lines is None:
+                    continue
+                try:
+                    ready = lines.feed(data)
+                except LineTooLong as exc:
+                    # Earlier lines are already delivered; the long one is
+                    # dropped whole and the rest of stdout is discarded.
+                    lines = None
+                    await self._stop(EndCause.LINE_TOO_LONG, str(exc), graceful=False)
+                    continue
+                if ready:
+                    entries.append((b"o", ready))
+            await self._emit(entries)
+        if lines is not None:
+            await self._emit([(b"o", lines.flush())])
+
+    async def _emit(self, entries: list[tuple[bytes, bytes]]) -> None:
+        entries = [(name, data) for name, data in entries if data]
+        if not entries or self._lease_lost:
+            return
+        try:
+            await self.store.append(self.claim, entries, RETENTION_MS)
+        except LeaseLost:
+            await self._lose_lease()
+            return
+        if not self._first_byte and any(name == b"o" for name, _ in entries):
+            self._first_byte = True
+            await self._update({"first_byte_ms": "now"})
+
+    async def _pump_in(self) -> None:
+        """Relay the client's stdin, EOF and cancellation to the sandbox."""
+        assert self.stdio is not None
+        guard = None
+        if self.profile.protocol == "acp":
+            guard = AcpGuard(
+                workdir=self.profile.workdir, allow_fs=self.profile.allow_fs
+            )
+        key = self.store.keys.stdin(self.session_id)
+        cursor = b"0-0"
+        while True:
+            entries = await self.store.read_stream(key, cursor, block_ms=0)
+            for cursor, fields in entries:
+                if b"cancel" in fields:
+                    await self._stop(
+                        EndCause.CANCELLED, "cancelled by client", graceful=False
+                    )
+                    return
+                if b"eof" in fields:
+                    await self._deliver_eof(guard)
+                    return
+                data = fields.get(b"d", b"")
+                await self._write(guard.feed(data) if guard else data)
+
+    async def _write(self, data: bytes) -> None:
+        assert self.stdio is not None
+        if data:
+            with contextlib.suppress(ConnectionError):
+                await self.stdio.write(data)
+
+    async def _deliver_eof(self, guard: AcpGuard | None) -> None:
+        assert self.stdio is not None
+        if guard is not None:
+            await self._write(guard.flush())
+        self.stdio.close_stdin()
+        log.info("session.stdin_closed")
+        # Agents that hold a session do not exit on EOF; the fleet ends them.
+        await asyncio.sleep(self.settings.worker.eof_grace_s)
+        await self._stop(
+            EndCause.EOF_IGNORED,
+            f"agent still running {self.settings.worker.eof_grace_s} s after EOF",
+            graceful=True,
+        )
+
+    async def _lifetime(self) -> None:
+        await asyncio.sleep(self.limits.lifetime_s)
+        await self._stop(
+            EndCause.LIFETIME_EXCEEDED,
+            f"lifetime of {self.limits.lifetime_s} s exceeded",
+            graceful=True,
+        )
+
+    async def _heartbeat(self) -> None:
+        """Renew the lease; stop the sandbox as soon as it is lost."""
+        worker = self.settings.worker
+        while True:
+            await asyncio.sleep(worker.heartbeat_ms / 1000)
+            try:
+                kept = await self.store.renew(self.claim, worker.lease_ms)
+            except RedisError:
+                log.warning("session.heartbeat_failed", exc_info=True)
+                continue
+            if not kept:
+                await self._lose_lease()
+                return
+
+    async def _lose_lease(self) -> None:
+        if self._lease_lost:
+            return
+        self._lease_lost = True
+        log.warning("session.lease_lost")
+        await self._stop(EndCause.WORKER_LOST, "lease lost", graceful=False)
+
+    def _note_stop(self, cause: EndCause, detail: str) -> bool:
+        if self._stop_cause is not None:
+            return False
+        self._stop_cause, self._stop_detail = cause, detail
+        return True
+
+    async def _stop(self, cause: EndCause, detail: str, *, graceful: bool) -> None:
+        """Stop the sandbox for ``cause`` unless another cause came first."""
+        if not self._note_stop(cause, detail) or self.container_id is None:
+            return
+        log.info("session.stopping", cause=cause.value, graceful=graceful)
+        if graceful:
+            self._kill_signal = "SIGTERM"
+            running = await self.runtime.kill(self.container_id, "SIGTERM")
+            if not running:
+                return
+            await asyncio.sleep(self.settings.worker.kill_grace_s)
+        self._kill_signal = "SIGKILL"
+        await self.runtime.kill(self.container_id, "SIGKILL")
+
+    def _outcome(self, exit_state: ExitState | None) -> Outcome:
+        code = exit_state.exit_code if exit_state else None
+        oom = bool(exit_state and exit_state.oom_killed)
+        cause = self._stop_cause
+        if cause is None:
+            cause = EndCause.OOM_KILLED if oom else EndCause.AGENT_EXIT
+        return Outcome(
+            cause=cause,
+            exit_code=code,
+            oom_killed=oom,
+            kill_signal=self._kill_signal,
+            detail=self._stop_detail or (exit_state.error if exit_state else None),
+        )
+
+    async def _update(self, fields: dict[str, str]) -> None:
+        if not await self.store.update(self.claim, fields):
+            raise LeaseLost(self.session_id)
+
+    async def _cleanup(self, outcome: Outcome) -> None:
+        if self.stdio is not None:
+            await self.stdio.close()
+        if self.container_id is not None:
+            try:
+                await self.runtime.remove(self.container_id)
+            except SandboxError:
+                log.exception("session.remove_failed")
+        if self._lease_lost:
+            return
+        ended = await self.store.finish(
+            self.session_id,
+            org=self.claim.org,
+            expect=self.claim.token,
+            outcome=outcome,
+        )
+        log.info(
+            "session.ended",
+            ended=ended,
+            cause=outcome.cause.value,
+            exit_code=outcome.exit_code,
+            oom_killed=outcome.oom_killed,
+            kill_signal=outcome.kill_signal,
+        )
+
+
+async def _shielded(coro: Awaitable[None]) -> None:
+    """Await ``coro`` to its end even if the caller is being cancelled."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
