@@ -1,0 +1,225 @@
+"""A whole fleet on this machine: Redis, a scheduler and a worker.
+
+The demo, the end-to-end tests and the benchmarks start the fleet exactly
+as an operator would, as separate ``acp-fleet`` processes reading one
+settings file, so that every hop is the production path.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+
+from scheduler.auth import key_digest
+from shared.errors import FleetError
+
+AGENT_IMAGE = "acp-fleet/claude-code-acp:0.16.2"
+AGENT_COMMAND = [
+    "/usr/local/bin/node",
+    "/opt/agent/node_modules/@zed-industries/claude-code-acp/dist/index.js",
+]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """Return a TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def agent_profile(**overrides: Any) -> dict[str, Any]:
+    """The claude-code-acp profile, as a settings table."""
+    profile: dict[str, Any] = {
+        "image": AGENT_IMAGE,
+        "command": AGENT_COMMAND,
+        "env": {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"},
+        "env_allowed": ["ANTHROPIC_API_KEY"],
+        "limits": {"memory": "1g", "cpus": 1, "pids": 256, "lifetime_s": 600},
+    }
+    return {**profile, **overrides}
+
+
+@dataclass
+class LocalFleet:
+    """Handles to a running local fleet."""
+
+    url: str
+    api_key: str
+    redis_url: str
+    config_path: Path
+    workdir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def log(self, name: str) -> str:
+        """Return what process ``name`` wrote so far."""
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start an ``acp-fleet`` process with this fleet's settings."""
+        log = (self.workdir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args, "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        self.processes[name] = process
+        return process
+
+    def stop(self, name: str, *, kill: bool = False) -> None:
+        """Stop process ``name``: SIGTERM and wait, or SIGKILL."""
+        process = self.processes.pop(name)
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def write_settings(path: Path, settings: Mapping[str, Any]) -> None:
+    """Write a settings table as a TOML file."""
+    path.write_text(tomli_w.dumps(dict(settings)))
+
+
+@contextmanager
+def redis_server(port: int | None = None) -> Iterator[str]:
+    """Run a throw-away ``redis-server`` on loopback; yield its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FleetError(
+            "redis-server is not installed; install it (Debian: apt-get install "
+            "redis-server) or set ACP_FLEET_REDIS_URL to a running Redis."
+        )
+    port = port or free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_for_port(port, process, "redis-server")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def local_fleet(
+    profiles: Mapping[str, Any],
+    *,
+    redis_url: str | None = None,
+    org_limits: Mapping[str, int] | None = None,
+    worker: Mapping[str, Any] | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+    start_worker: bool = True,
+) -> Iterator[LocalFleet]:
+    """Start a scheduler and a worker (and Redis, unless given); yield handles."""
+    with _maybe_redis(redis_url) as url:
+        workdir = Path(tempfile.mkdtemp(prefix="acp-fleet-"))
+        api_key = "afk_" + secrets.token_urlsafe(24)
+        port = free_port()
+        settings = {
+            "config_version": 1,
+            "redis_url": url,
+            "key_prefix": "f" + secrets.token_hex(4),
+            "token_secret": secrets.token_hex(32),
+            "log_format": "json",
+            "orgs": {
+                "demo": {
+                    "key_sha256": key_digest(api_key),
+                    "max_sessions": 8,
+                    "sessions_per_minute": 600,
+                    **(org_limits or {}),
+                }
+            },
+            "scheduler": {"host": "127.0.0.1", "port": port, **(scheduler or {})},
+            "worker": {"node": "node-" + secrets.token_hex(3), **(worker or {})},
+            "profiles": dict(profiles),
+        }
+        config_path = workdir / "fleet.toml"
+        write_settings(config_path, settings)
+        fleet = LocalFleet(
+            url=f"http://127.0.0.1:{port}",
+            api_key=api_key,
+            redis_url=url,
+            config_path=config_path,
+            workdir=workdir,
+        )
+        try:
+            scheduler_process = fleet.start("scheduler", "scheduler")
+            _wait_for_port(port, scheduler_process, "scheduler", log=fleet)
+            if start_worker:
+                fleet.start("worker", "worker")
+                wait_for_worker(fleet)
+            yield fleet
+        finally:
+            for name in list(fleet.processes):
+                fleet.stop(name)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_for_worker(fleet: LocalFleet, timeout_s: float = 30) -> None:
+    """Wait until the worker logs that it started."""
+    deadline = time.monotonic() + timeout_s
+    while '"worker.started"' not in fleet.log("worker"):
+        process = fleet.processes["worker"]
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise FleetError("the worker did not start:\n" + fleet.log("worker")[-4000:])
+        time.sleep(0.05)
+
+
+@contextmanager
+def _maybe_redis(redis_url: str | None) -> Iterator[str]:
+    url = redis_url or os.environ.get("ACP_FLEET_REDIS_URL")
+    if url:
+        yield url
+        return
+    with redis_server() as started:
+        yield started
+
+
+def _wait_for_port(
+    port: int,
+    process: subprocess.Popen[bytes],
+    name: str,
+    *,
+    log: LocalFleet | None = None,
+    timeout_s: float = 30,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.log(name)[-4000:] if log else ""
+            raise FleetError(f"{name} exited with {process.returncode}\n{tail}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise FleetError(f"{name} did not listen on port {port} within {timeout_s} s")
+
+
+def ready(fleet: LocalFleet) -> bool:
+    """True when the scheduler answers /readyz."""
+    return httpx.get(f"{fleet.url}/readyz", timeout=5).status_code == 200
