@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from urllib.parse import urlencode
 import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosedOK
 
 from shared.wire import Output, decode_output
 
@@ -147,12 +149,18 @@ class Stdio:
         return self._ws
 
     async def send(self, data: bytes) -> None:
-        """Write bytes to the agent's stdin."""
-        await self.ws.send(data)
+        """Write bytes to the agent's stdin.
+
+        Once the session has ended the gateway closes normally; what is
+        sent after that has no agent to read it and is not an error.
+        """
+        with contextlib.suppress(ConnectionClosedOK):
+            await self.ws.send(data)
 
     async def send_eof(self) -> None:
         """Close the agent's stdin."""
-        await self.ws.send(json.dumps({"type": "eof"}))
+        with contextlib.suppress(ConnectionClosedOK):
+            await self.ws.send(json.dumps({"type": "eof"}))
 
     async def events(self) -> AsyncIterator[Output | End]:
         """Yield output as it arrives, then the ``End`` of the session.

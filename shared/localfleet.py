@@ -26,6 +26,7 @@ import tomli_w
 
 from scheduler.auth import key_digest
 from shared.errors import FleetError
+from shared.settings import FleetSettings, load_settings
 
 AGENT_IMAGE = "acp-fleet/claude-code-acp:0.16.2"
 AGENT_COMMAND = [
@@ -59,11 +60,21 @@ class LocalFleet:
     """Handles to a running local fleet."""
 
     url: str
-    api_key: str
+    api_keys: dict[str, str]
     redis_url: str
     config_path: Path
     workdir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def api_key(self) -> str:
+        """The API key of the first organisation."""
+        return next(iter(self.api_keys.values()))
+
+    @property
+    def settings(self) -> FleetSettings:
+        """The settings every process of this fleet reads."""
+        return load_settings(self.config_path)
 
     def log(self, name: str) -> str:
         """Return what process ``name`` wrote so far."""
@@ -71,13 +82,14 @@ class LocalFleet:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         """Start an ``acp-fleet`` process with this fleet's settings."""
-        log = (self.workdir / f"{name}.log").open("ab")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args, "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
+        command = [sys.executable, "-m", "shared.cli", *args]
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                [*command, "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
         self.processes[name] = process
         return process
 
@@ -129,7 +141,7 @@ def local_fleet(
     profiles: Mapping[str, Any],
     *,
     redis_url: str | None = None,
-    org_limits: Mapping[str, int] | None = None,
+    orgs: Mapping[str, Mapping[str, int]] | None = None,
     worker: Mapping[str, Any] | None = None,
     scheduler: Mapping[str, Any] | None = None,
     start_worker: bool = True,
@@ -137,7 +149,8 @@ def local_fleet(
     """Start a scheduler and a worker (and Redis, unless given); yield handles."""
     with _maybe_redis(redis_url) as url:
         workdir = Path(tempfile.mkdtemp(prefix="acp-fleet-"))
-        api_key = "afk_" + secrets.token_urlsafe(24)
+        orgs = orgs or {"demo": {"max_sessions": 8, "sessions_per_minute": 600}}
+        api_keys = {org: "afk_" + secrets.token_urlsafe(24) for org in orgs}
         port = free_port()
         settings = {
             "config_version": 1,
@@ -146,12 +159,8 @@ def local_fleet(
             "token_secret": secrets.token_hex(32),
             "log_format": "json",
             "orgs": {
-                "demo": {
-                    "key_sha256": key_digest(api_key),
-                    "max_sessions": 8,
-                    "sessions_per_minute": 600,
-                    **(org_limits or {}),
-                }
+                org: {"key_sha256": key_digest(api_keys[org]), **limits}
+                for org, limits in orgs.items()
             },
             "scheduler": {"host": "127.0.0.1", "port": port, **(scheduler or {})},
             "worker": {"node": "node-" + secrets.token_hex(3), **(worker or {})},
@@ -161,7 +170,7 @@ def local_fleet(
         write_settings(config_path, settings)
         fleet = LocalFleet(
             url=f"http://127.0.0.1:{port}",
-            api_key=api_key,
+            api_keys=api_keys,
             redis_url=url,
             config_path=config_path,
             workdir=workdir,

@@ -59,6 +59,9 @@ def container_config(
     profile, limits = spec.profile, spec.limits
     uid, gid = profile.user.split(":")
 
+    # uid= and gid= make each tmpfs the agent's. runc 1.1 then chmods a
+    # tmpfs to the mode of the image directory it covers, so mode= only
+    # holds where the image has no such directory.
     def tmpfs(size_bytes: int, mode: str, *, executable: bool) -> str:
         exec_flag = "exec" if executable else "noexec"
         return (

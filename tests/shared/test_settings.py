@@ -1,0 +1,214 @@
+"""Specification of settings loading: the TOML file, the environment, errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import FleetSettings, load_settings
+
+SECRET = "token-secret-that-must-never-be-shown-0123"
+HEADER = f'config_version = 1\ntoken_secret = "{SECRET}"\n'
+PROFILE = """
+[profiles.coder]
+image = "agent:1"
+[profiles.coder.limits]
+memory = "{memory}"
+cpus = "0.5"
+pids = {pids}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the caller's ACP_FLEET_* variables out of every test."""
+    for name in list(os.environ):
+        if name.startswith("ACP_FLEET_"):
+            monkeypatch.delenv(name)
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    return path
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    return str(caught.value)
+
+
+class TestLoadSettings:
+    """load_settings turns a TOML file and the environment into FleetSettings."""
+
+    def test_minimal_file(self, tmp_path: Path) -> None:
+        """A file with a version and a token secret loads with the defaults."""
+        path = write_config(tmp_path, HEADER)
+
+        settings = load_settings(path)
+
+        assert isinstance(settings, FleetSettings)
+        assert settings.config_version == 1
+        assert settings.token_secret.get_secret_value() == SECRET
+        assert settings.key_prefix == "acpf"
+        assert settings.worker.lease_ms == 10_000
+        assert settings.worker.heartbeat_ms == 2_000
+        assert settings.orgs == {}
+
+    def test_profile_limits_are_parsed(self, tmp_path: Path) -> None:
+        """A profile's memory, cpus and pids are stored in Docker's units."""
+        path = write_config(
+            tmp_path, HEADER + PROFILE.format(memory="2.5g", pids='"unlimited"')
+        )
+
+        limits = load_settings(path).profiles["coder"].limits
+
+        assert limits.memory_bytes == 2684354560
+        assert limits.nano_cpus == 500000000
+        assert limits.pids_limit == -1
+
+    def test_path_from_environment(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without a path, ACP_FLEET_CONFIG names the file."""
+        path = write_config(tmp_path, HEADER + 'fleet = "from-env-path"\n')
+        monkeypatch.setenv("ACP_FLEET_CONFIG", str(path))
+
+        assert load_settings().fleet == "from-env-path"
+
+    def test_unsupported_version(self, tmp_path: Path) -> None:
+        """config_version 2 is refused naming the field and the accepted version."""
+        path = write_config(tmp_path, HEADER.replace("= 1", "= 2", 1))
+
+        message = load_error(path)
+
+        assert "config_version: version 2 is not supported; accepted: 1" in message
+
+    def test_invalid_profile_memory(self, tmp_path: Path) -> None:
+        """A bad memory size is refused naming its path and the accepted forms."""
+        path = write_config(tmp_path, HEADER + PROFILE.format(memory="10x", pids=64))
+
+        message = load_error(path)
+
+        assert "profiles.coder.limits.memory: '10x' is not a memory size" in message
+        assert "512m, 512M, 1g, 1Gi, 1GB, 2 GiB or 2.5g" in message
+
+    def test_zero_pids_limit(self, tmp_path: Path) -> None:
+        """A pids limit of 0 is refused at validation, pointing to 'unlimited'."""
+        path = write_config(tmp_path, HEADER + PROFILE.format(memory="1g", pids=0))
+
+        message = load_error(path)
+
+        assert "profiles.coder.limits.pids: 0 is ambiguous" in message
+        assert "'unlimited'" in message
+
+    @pytest.mark.parametrize(
+        ("extra", "field"),
+        [("colour = 1\n", "colour"), ("[worker]\nlease = 5\n", "worker.lease")],
+    )
+    def test_unknown_key(self, tmp_path: Path, extra: str, field: str) -> None:
+        """An unknown key is refused by its dotted name."""
+        path = write_config(tmp_path, HEADER + extra)
+
+        message = load_error(path)
+
+        assert f"  {field}: is not a known setting" in message
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A file that does not exist is a ConfigError naming it."""
+        path = tmp_path / "absent.toml"
+
+        message = load_error(path)
+
+        assert message == f"config file {path} does not exist"
+
+    def test_malformed_toml(self, tmp_path: Path) -> None:
+        """A file that is not TOML is a ConfigError naming it."""
+        path = write_config(tmp_path, HEADER + "[worker\n")
+
+        message = load_error(path)
+
+        assert message.startswith(f"config file {path} is not valid TOML: ")
+
+    def test_environment_overrides_file(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """ACP_FLEET_WORKER__LEASE_MS wins over the file, other fields stay."""
+        path = write_config(
+            tmp_path, HEADER + "[worker]\nlease_ms = 9000\nheartbeat_ms = 1000\n"
+        )
+        monkeypatch.setenv("ACP_FLEET_WORKER__LEASE_MS", "5000")
+
+        worker = load_settings(path).worker
+
+        assert worker.lease_ms == 5000
+        assert worker.heartbeat_ms == 1000
+
+    def test_malformed_environment_value(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An environment value that is not JSON is a ConfigError naming it."""
+        path = write_config(tmp_path, HEADER)
+        monkeypatch.setenv("ACP_FLEET_ORGS", "{not json")
+
+        message = load_error(path)
+
+        assert "orgs" in message
+
+    def test_short_secret_not_echoed(self, tmp_path: Path) -> None:
+        """A too-short token_secret is refused without showing its value."""
+        path = write_config(tmp_path, 'config_version = 1\ntoken_secret = "hunter2"\n')
+
+        message = load_error(path)
+
+        assert "token_secret: " in message
+        assert "hunter2" not in message
+
+    def test_short_secret_from_environment_not_echoed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A too-short token_secret from the environment is not shown either."""
+        path = write_config(tmp_path, HEADER)
+        monkeypatch.setenv("ACP_FLEET_TOKEN_SECRET", "env-hunter2")
+
+        message = load_error(path)
+
+        assert "token_secret: " in message
+        assert "env-hunter2" not in message
+        assert SECRET not in message
+
+    def test_bad_key_digest_not_echoed(self, tmp_path: Path) -> None:
+        """A malformed key_sha256 is refused without showing its value."""
+        org = (
+            '[orgs.acme]\nkey_sha256 = "sk-live-do-not-print"\n'
+            "max_sessions = 2\nsessions_per_minute = 10\n"
+        )
+        path = write_config(tmp_path, HEADER + org)
+
+        message = load_error(path)
+
+        assert "orgs.acme.key_sha256: " in message
+        assert "sk-live-do-not-print" not in message
+        assert SECRET not in message
+
+    def test_heartbeat_above_third_of_lease(self, tmp_path: Path) -> None:
+        """heartbeat_ms above a third of lease_ms is refused."""
+        path = write_config(
+            tmp_path, HEADER + "[worker]\nlease_ms = 10000\nheartbeat_ms = 3334\n"
+        )
+
+        message = load_error(path)
+
+        assert "  worker: heartbeat_ms must be at most a third of lease_ms" in message
+
+    def test_heartbeat_at_third_of_lease(self, tmp_path: Path) -> None:
+        """heartbeat_ms just within a third of lease_ms is accepted."""
+        path = write_config(
+            tmp_path, HEADER + "[worker]\nlease_ms = 10000\nheartbeat_ms = 3333\n"
+        )
+
+        assert load_settings(path).worker.heartbeat_ms == 3333
