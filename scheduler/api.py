@@ -23,7 +23,13 @@ from scheduler.gateway import (
     CLOSE_UNAUTHORIZED,
     relay,
 )
-from shared.errors import AdmissionRefused, NotFound, RequestRefused, Unauthorized
+from shared.errors import (
+    AdmissionRefused,
+    InvalidRequest,
+    NotFound,
+    RequestRefused,
+    Unauthorized,
+)
 from shared.keys import Keys
 from shared.models import (
     CreateSession,
@@ -99,7 +105,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         field = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{field or 'body'}: {first.get('msg', 'invalid request')}"
-        return _error(RequestRefused("invalid_request", message, field=field or None))
+        return _error(InvalidRequest("invalid_request", message, field=field or None))
 
     @app.exception_handler(RedisError)
     async def unavailable(request: Request, exc: RedisError) -> JSONResponse:

@@ -1,0 +1,295 @@
+"""The HTTP API against a real scheduler and Redis: admission, auth, input.
+
+The scheduler here runs without a worker, so admitted sessions stay queued
+and every quota slot they take stays counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import jwt
+import pytest
+from redis import Redis
+
+from scheduler.client import ApiError, FleetClient
+from shared.keys import Keys
+from shared.localfleet import LocalFleet, local_fleet
+from tests.sandboxes import PROFILES
+
+LIMITED = {"max_sessions": 5, "sessions_per_minute": 100_000}
+
+
+@pytest.fixture(scope="module")
+def api(redis_url: str) -> Iterator[LocalFleet]:
+    """A scheduler alone, with orgs whose limits the tests exhaust."""
+    with local_fleet(
+        {"sh": PROFILES["cat-exit"], "claude": PROFILES["claude"]},
+        redis_url=redis_url,
+        orgs={
+            "acme": LIMITED,
+            "beta": {"max_sessions": 1000, "sessions_per_minute": 7},
+            "gamma": {"max_sessions": 1000, "sessions_per_minute": 100_000},
+            "delta": {"max_sessions": 1000, "sessions_per_minute": 100_000},
+        },
+        scheduler={"queue_max_depth": 40},
+        start_worker=False,
+    ) as fleet:
+        yield fleet
+
+
+def redis_of(fleet: LocalFleet) -> tuple[Redis, Keys]:
+    settings = fleet.settings
+    return Redis.from_url(settings.redis_url), Keys(settings.key_prefix)
+
+
+def session_keys(fleet: LocalFleet) -> list[bytes]:
+    redis, keys = redis_of(fleet)
+    with redis:
+        return list(redis.scan_iter(f"{keys.prefix}:session:*"))
+
+
+async def create_many(fleet: LocalFleet, org: str, count: int) -> Counter[str]:
+    """Create ``count`` sessions at once; count admissions and refusal codes."""
+    async with FleetClient(fleet.url, fleet.api_keys[org]) as client:
+
+        async def one() -> str:
+            try:
+                await client.create_session("sh")
+            except ApiError as exc:
+                return exc.code
+            return "admitted"
+
+        return Counter(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def cancel_queued(fleet: LocalFleet, org: str) -> None:
+    """Cancel every queued session of ``org``, freeing its place in the queue."""
+    redis, keys = redis_of(fleet)
+    with redis:
+        queued = [raw.decode() for raw in redis.zrange(keys.queued, 0, -1)]
+        owned = [sid for sid in queued if redis.hget(keys.session(sid), "org") == org.encode()]
+    async with FleetClient(fleet.url, fleet.api_keys[org]) as client:
+        for session_id in owned:
+            await client.cancel(session_id)
+
+
+class TestAdmission:
+    async def test_concurrency_limit_holds_under_200_concurrent_creations(
+        self, api: LocalFleet
+    ) -> None:
+        """Exactly the org's limit of 5 is admitted out of 200 at once."""
+        outcomes = await create_many(api, "acme", 200)
+
+        assert outcomes == Counter({"admitted": 5, "org_concurrency": 195})
+        redis, keys = redis_of(api)
+        with redis:
+            assert redis.zcard(keys.org_slots("acme")) == 5
+
+    async def test_rate_limit_holds_under_concurrency(self, api: LocalFleet) -> None:
+        """An org allowed 7 a minute gets 7 of 50 concurrent creations."""
+        outcomes = await create_many(api, "beta", 50)
+
+        assert outcomes == Counter({"admitted": 7, "org_rate": 43})
+
+    async def test_queue_depth_bounds_admission(self, api: LocalFleet) -> None:
+        """With the queue's bound reached, creations are refused as queue_full."""
+        redis, keys = redis_of(api)
+        with redis:
+            depth = redis.zcard(keys.queued)
+        room = 40 - depth
+
+        outcomes = await create_many(api, "gamma", room + 10)
+        await cancel_queued(api, "gamma")
+
+        assert outcomes == Counter({"admitted": room, "queue_full": 10})
+        with redis:
+            assert redis.zcard(keys.queued) == depth
+
+    def test_refusal_carries_retry_after_and_a_reason(self, api: LocalFleet) -> None:
+        """A 429 says why in a machine-readable code and when to retry."""
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            json={"profile": "sh"},
+            headers={"Authorization": f"Bearer {api.api_keys['acme']}"},
+        )
+
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] in ("org_concurrency", "queue_full")
+        assert int(response.headers["Retry-After"]) >= 1
+
+    def test_quota_keys_always_carry_a_ttl(self, api: LocalFleet) -> None:
+        """C12: no quota key lacks a TTL."""
+        redis, keys = redis_of(api)
+        with redis:
+            quota_keys = [keys.queued] + [
+                key
+                for org in ("acme", "beta", "gamma")
+                for key in (keys.org_slots(org), keys.org_rate(org))
+            ]
+            ttls = {key: redis.pttl(key) for key in quota_keys}
+        existing = {key: ttl for key, ttl in ttls.items() if ttl != -2}
+
+        assert len(existing) >= 4, ttls
+        assert all(ttl > 0 for ttl in existing.values()), ttls
+
+
+class TestAuthentication:
+    def test_a_wrong_key_is_refused(self, api: LocalFleet) -> None:
+        """An unknown key gets 401 invalid_credentials and creates nothing."""
+        before = session_keys(api)
+
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            json={"profile": "sh"},
+            headers={"Authorization": "Bearer not-a-key"},
+        )
+
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_credentials"
+        assert session_keys(api) == before
+
+    def test_a_missing_key_is_refused(self, api: LocalFleet) -> None:
+        """A request without credentials gets 401."""
+        response = httpx.get(f"{api.url}/v1/sessions/{'0' * 32}")
+
+        assert response.status_code == 401
+
+    async def test_another_orgs_key_gets_nothing(self, api: LocalFleet) -> None:
+        """Another org can neither read, cancel nor attach to a session."""
+        async with FleetClient(api.url, api.api_keys["delta"]) as owner:
+            created = await owner.create_session("sh")
+        session_id = created["id"]
+        intruder = FleetClient(api.url, api.api_keys["gamma"])
+
+        async with intruder:
+            with pytest.raises(ApiError) as read:
+                await intruder.session(session_id)
+            with pytest.raises(ApiError) as cancel:
+                await intruder.cancel(session_id)
+            with pytest.raises(ApiError) as attach:
+                async with intruder.stdio(session_id) as stdio:
+                    async for _ in stdio.events():
+                        pass
+
+        assert (read.value.status, read.value.code) == (404, "session_not_found")
+        assert (cancel.value.status, cancel.value.code) == (404, "session_not_found")
+        assert attach.value.code == "session_not_found"
+        async with FleetClient(api.url, api.api_keys["delta"]) as owner:
+            assert (await owner.session(session_id))["state"] == "queued"
+
+    async def test_a_session_token_opens_only_its_own_session(
+        self, api: LocalFleet
+    ) -> None:
+        """Session A's token reads A and is refused for session B."""
+        async with FleetClient(api.url, api.api_keys["delta"]) as backend:
+            first = await backend.create_session("sh")
+            second = await backend.create_session("sh")
+
+        async with FleetClient(api.url, first["token"]) as holder:
+            own = await holder.session(first["id"])
+            with pytest.raises(ApiError) as foreign:
+                await holder.session(second["id"])
+
+        assert own["id"] == first["id"]
+        assert (foreign.value.status, foreign.value.code) == (404, "session_not_found")
+
+    async def test_an_expired_token_is_refused(self, api: LocalFleet) -> None:
+        """A token past its expiry gets 401 token_expired."""
+        async with FleetClient(api.url, api.api_keys["delta"]) as backend:
+            created = await backend.create_session("sh")
+        secret = api.settings.token_secret.get_secret_value()
+        expired = jwt.encode(
+            {
+                "sub": created["id"],
+                "org": "delta",
+                "aud": "acp-fleet/session",
+                "exp": int(time.time()) - 5,
+            },
+            secret,
+            algorithm="HS256",
+        )
+
+        async with FleetClient(api.url, expired) as holder:
+            with pytest.raises(ApiError) as refused:
+                await holder.session(created["id"])
+
+        assert (refused.value.status, refused.value.code) == (401, "token_expired")
+
+    async def test_a_token_signed_elsewhere_is_refused(self, api: LocalFleet) -> None:
+        """A token signed with another secret gets 401 invalid_token."""
+        forged = jwt.encode(
+            {
+                "sub": "0" * 32,
+                "org": "delta",
+                "aud": "acp-fleet/session",
+                "exp": int(time.time()) + 600,
+            },
+            "another-secret-that-is-long-enough-to-sign",
+            algorithm="HS256",
+        )
+
+        async with FleetClient(api.url, forged) as holder:
+            with pytest.raises(ApiError) as refused:
+                await holder.session("0" * 32)
+
+        assert (refused.value.status, refused.value.code) == (401, "invalid_token")
+
+
+BAD_BODIES = [
+    (b"{not json", "invalid_request"),
+    (b'{"profile": 5}', "invalid_request"),
+    (b'{"profile": "sh", "surprise": 1}', "invalid_request"),
+    (b'{"profile": "nope"}', "unknown_profile"),
+    (b'{"profile": "sh", "env": {"SECRET": "x"}}', "env_not_allowed"),
+    (b'{"profile": "sh", "limits": {"memory": "10x"}}', "invalid_limit"),
+    (b'{"profile": "sh", "limits": {"memory": "5m"}}', "invalid_limit"),
+    (b'{"profile": "sh", "limits": {"memory": "1g"}}', "limit_exceeds_profile"),
+    (b'{"profile": "sh", "limits": {"pids": 0}}', "invalid_limit"),
+    (b'{"profile": "sh", "limits": {"pids": "unlimited"}}', "limit_exceeds_profile"),
+    (b'{"profile": "sh", "limits": {"cpus": -1}}', "invalid_limit"),
+    (b'{"profile": "sh", "limits": {"cpus": 3}}', "limit_exceeds_profile"),
+    (b'{"profile": "sh", "limits": {"lifetime_s": 0}}', "invalid_request"),
+]
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(("body", "code"), BAD_BODIES)
+    def test_bad_bodies_get_a_4xx_with_a_reason_and_create_nothing(
+        self, api: LocalFleet, body: bytes, code: str
+    ) -> None:
+        """Each malformed or out-of-range body is a 422 naming what is wrong."""
+        before = session_keys(api)
+
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            content=body,
+            headers={
+                "Authorization": f"Bearer {api.api_keys['delta']}",
+                "Content-Type": "application/json",
+            },
+        )
+
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == code
+        assert error["message"]
+        assert session_keys(api) == before
+
+    def test_an_unknown_session_id_is_not_found(self, api: LocalFleet) -> None:
+        """A malformed session id is a 404, not a 500."""
+        response = httpx.get(
+            f"{api.url}/v1/sessions/../../etc",
+            headers={"Authorization": f"Bearer {api.api_keys['delta']}"},
+        )
+
+        assert response.status_code == 404
+
+    def test_health_and_readiness_answer(self, api: LocalFleet) -> None:
+        """/healthz and /readyz answer 200 while Redis is reachable."""
+        assert httpx.get(f"{api.url}/healthz").json() == {"status": "ok"}
+        assert httpx.get(f"{api.url}/readyz").json() == {"status": "ready"}
