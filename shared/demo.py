@@ -64,10 +64,24 @@ class Exchange:
     steps_s: dict[str, float] = field(default_factory=dict)
 
 
-async def drive_acp(fleet: LocalFleet, session_id: str, token: str, prompt: str) -> Exchange:
+async def drive_acp(
+    fleet: LocalFleet, session_id: str, token: str, prompt: str
+) -> Exchange:
     """Run initialize, session/new and session/prompt through ``connect``."""
     exchange = Exchange()
-    stderr_log = (fleet.workdir / "connect.log").open("ab")
+    with (fleet.workdir / "connect.log").open("ab") as stderr_log:
+        await _drive(exchange, fleet, session_id, token, prompt, stderr_log)
+    return exchange
+
+
+async def _drive(
+    exchange: Exchange,
+    fleet: LocalFleet,
+    session_id: str,
+    token: str,
+    prompt: str,
+    stderr_log: Any,
+) -> None:
     command = [sys.executable, "-m", "shared.cli", "connect", "--url", fleet.url]
     command += ["--session", session_id, "--token", token]
     started = time.perf_counter()
@@ -98,14 +112,15 @@ async def drive_acp(fleet: LocalFleet, session_id: str, token: str, prompt: str)
 
         mark = time.perf_counter()
         try:
-            done = await conn.prompt(session_id=new.session_id, prompt=[text_block(prompt)])
+            done = await conn.prompt(
+                session_id=new.session_id, prompt=[text_block(prompt)]
+            )
             exchange.stop_reason = str(done.stop_reason)
         except RequestError as exc:
             exchange.prompt_error = exc
         exchange.steps_s["session/prompt"] = time.perf_counter() - mark
         process.stdin.close()
         exchange.connect_exit = await asyncio.wait_for(process.wait(), 60)
-    return exchange
 
 
 def ensure_agent_image() -> None:
@@ -122,10 +137,14 @@ def ensure_agent_image() -> None:
     )
     if found.returncode != 0:
         print(f"building {AGENT_IMAGE} from local files ...", flush=True)
-        subprocess.run(["bash", str(REPO / "images/build.sh"), "--only", "agent"], check=True)
+        subprocess.run(
+            ["bash", str(REPO / "images/build.sh"), "--only", "agent"], check=True
+        )
 
 
-async def _session(fleet: LocalFleet, prompt: str) -> tuple[dict[str, Any], Exchange, float]:
+async def _session(
+    fleet: LocalFleet, prompt: str
+) -> tuple[dict[str, Any], Exchange, float]:
     env = {}
     if os.environ.get("ANTHROPIC_API_KEY"):
         env["ANTHROPIC_API_KEY"] = os.environ["ANTHROPIC_API_KEY"]
@@ -159,13 +178,19 @@ def _report(view: dict[str, Any], exchange: Exchange, create_s: float) -> None:
         print(f"session/prompt:   JSON-RPC error {err.code} {str(err)!r}")
     else:
         print(f"session/prompt:   answered, stop reason {exchange.stop_reason}")
-    print(f"ended:            {view['cause']} (exit {view['exit_code']}, "
-          f"OOM {view['oom_killed']}); connect exited {exchange.connect_exit}")
+    print(
+        f"ended:            {view['cause']} (exit {view['exit_code']}, "
+        f"OOM {view['oom_killed']}); connect exited {exchange.connect_exit}"
+    )
     print("\nphase                                  time")
     print(f"POST /v1/sessions (admission)      {create_s * 1000:>7.0f} ms")
     print(f"queue wait (admitted -> claimed)   {span('admitted_ms', 'claimed_ms')}")
-    print(f"sandbox start (claimed -> ready)   {span('claimed_ms', 'sandbox_ready_ms')}")
-    print(f"agent start (ready -> first byte)  {span('sandbox_ready_ms', 'first_byte_ms')}")
+    print(
+        f"sandbox start (claimed -> ready)   {span('claimed_ms', 'sandbox_ready_ms')}"
+    )
+    print(
+        f"agent start (ready -> first byte)  {span('sandbox_ready_ms', 'first_byte_ms')}"
+    )
     for step, seconds in exchange.steps_s.items():
         print(f"{step + ' round trip':<35}{seconds * 1000:>7.0f} ms")
     print(f"session life (admitted -> ended)   {span('admitted_ms', 'ended_ms')}")
@@ -178,10 +203,11 @@ def run_demo(*, prompt: str) -> int:
     with local_fleet({"claude": agent_profile()}) as fleet:
         view, exchange, create_s = asyncio.run(_session(fleet, prompt))
         _report(view, exchange, create_s)
-    expected_error = exchange.prompt_error is None or exchange.prompt_error.code == -32000
+    expected_error = (
+        exchange.prompt_error is None or exchange.prompt_error.code == -32000
+    )
     ok = bool(exchange.acp_session_id) and expected_error and view["state"] == "ended"
-    print("\ndemo " + ("succeeded" if ok else "FAILED") + "; fleet stopped and cleaned up")
+    print(
+        "\ndemo " + ("succeeded" if ok else "FAILED") + "; fleet stopped and cleaned up"
+    )
     return 0 if ok else 1
-
-
-

@@ -123,8 +123,17 @@ def redis_server(port: int | None = None) -> Iterator[str]:
         )
     port = port or free_port()
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -194,7 +203,9 @@ def wait_for_worker(fleet: LocalFleet, timeout_s: float = 30) -> None:
     while '"worker.started"' not in fleet.log("worker"):
         process = fleet.processes["worker"]
         if process.poll() is not None or time.monotonic() > deadline:
-            raise FleetError("the worker did not start:\n" + fleet.log("worker")[-4000:])
+            raise FleetError(
+                "the worker did not start:\n" + fleet.log("worker")[-4000:]
+            )
         time.sleep(0.05)
 
 

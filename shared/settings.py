@@ -29,6 +29,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings.exceptions import SettingsError
 
 from shared.errors import ConfigError
 from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
@@ -211,6 +212,9 @@ def load_settings(path: str | Path | None = None) -> FleetSettings:
         return FleetSettings(**data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source=str(path))) from exc
+    except SettingsError as exc:
+        # A nested field given as malformed JSON in the environment.
+        raise ConfigError(f"invalid settings in the environment: {exc}") from exc
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -61,6 +61,15 @@ def parse_cursor(text: str | None) -> str:
     if not text:
         return "0-0"
     millis, dash, seq = text.partition("-")
-    if not (millis.isdigit() and dash and seq.isdigit()):
-        raise ValueError(f"cursor {text!r} is not of the form <millis>-<seq>")
+    if not (
+        millis.isascii()
+        and millis.isdigit()
+        and dash
+        and seq.isascii()
+        and seq.isdigit()
+        and max(int(millis), int(seq)) < 2**64
+    ):
+        raise ValueError(
+            f"cursor {text!r} is not of the form <millis>-<seq> with two 64-bit numbers"
+        )
     return f"{int(millis)}-{int(seq)}"

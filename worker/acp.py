@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-_GUARDED_METHODS = (b'"initialize"', b'"session/new"', b'"session/load"')
-
 
 class AcpGuard:
     """Rewrite the client's requests line by line on their way to the agent."""
@@ -34,7 +32,9 @@ class AcpGuard:
         lines = bytes(self._pending) + data[: cut + 1]
         self._pending = bytearray(data[cut + 1 :])
 
-        return b"".join(self._guard(line) for line in lines.splitlines(True))
+        # The agent frames messages by "\n" alone; a bare "\r" is JSON
+        # whitespace inside a line and must not split it here.
+        return b"".join(self._guard(line + b"\n") for line in lines.split(b"\n")[:-1])
 
     def flush(self) -> bytes:
         """Return what is left at EOF, guarded as a last line."""
@@ -43,8 +43,9 @@ class AcpGuard:
         return self._guard(rest) if rest else b""
 
     def _guard(self, line: bytes) -> bytes:
-        # Only lines that can be guarded requests pay for a JSON parse.
-        if not any(method in line for method in _GUARDED_METHODS):
+        # Every object is parsed: a method name may be spelled with JSON
+        # escapes, so no byte pattern can tell which lines to guard.
+        if not line.lstrip().startswith(b"{"):
             return line
         try:
             message = json.loads(line)

@@ -18,21 +18,23 @@ AUDIENCE = "acp-fleet/session"
 @pytest.fixture
 def auth() -> Authenticator:
     """An authenticator for two orgs, acme (key k1) and beta (key k2)."""
-    settings = FleetSettings(
-        config_version=1,
-        token_secret=SECRET,
-        orgs={
-            "acme": {
-                "key_sha256": key_digest("k1"),
-                "max_sessions": 2,
-                "sessions_per_minute": 10,
+    settings = FleetSettings.model_validate(
+        {
+            "config_version": 1,
+            "token_secret": SECRET,
+            "orgs": {
+                "acme": {
+                    "key_sha256": key_digest("k1"),
+                    "max_sessions": 2,
+                    "sessions_per_minute": 10,
+                },
+                "beta": {
+                    "key_sha256": key_digest("k2"),
+                    "max_sessions": 1,
+                    "sessions_per_minute": 5,
+                },
             },
-            "beta": {
-                "key_sha256": key_digest("k2"),
-                "max_sessions": 1,
-                "sessions_per_minute": 5,
-            },
-        },
+        }
     )
     return Authenticator(settings)
 

@@ -1,4 +1,5 @@
 """Specification of the resource-limit grammar (field cases C05 and C06)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
 
 class TestParseMemoryBytes:
     """Docker-style memory sizes become byte counts."""
+
     @pytest.mark.parametrize(
         ("text", "memory_bytes"),
         [
@@ -43,12 +45,13 @@ class TestParseMemoryBytes:
     @pytest.mark.parametrize("value", [True, 1.5, None])
     def test_other_types(self, value: object) -> None:
         """A bool, float or None is not a memory size."""
-        with pytest.raises(ValueError, match="^expected a size such as 512m"):
+        with pytest.raises(ValueError, match=r"^expected a size such as 512m"):
             parse_memory_bytes(value)
 
 
 class TestParseNanoCpus:
     """CPU counts become Docker's NanoCpus."""
+
     @pytest.mark.parametrize(
         ("value", "nano_cpus"),
         [("0.5", 500000000), ("1", 1000000000), (2.25, 2250000000), (3, 3000000000)],
@@ -68,6 +71,7 @@ class TestParseNanoCpus:
 
 class TestParsePidsLimit:
     """Pids limits are positive counts or -1 for unlimited (C06)."""
+
     @pytest.mark.parametrize("value", [0, "0"])
     def test_zero_refused(self, value: object) -> None:
         """Zero is refused with a message that points to 'unlimited'."""
@@ -76,8 +80,14 @@ class TestParsePidsLimit:
 
     @pytest.mark.parametrize(
         ("value", "pids_limit"),
-        [(-1, -1), ("-1", -1), ("unlimited", -1), ("Unlimited", -1), (64, 64),
-         ("64", 64)],
+        [
+            (-1, -1),
+            ("-1", -1),
+            ("unlimited", -1),
+            ("Unlimited", -1),
+            (64, 64),
+            ("64", 64),
+        ],
     )
     def test_accepted(self, value: object, pids_limit: int) -> None:
         """-1 and 'unlimited' mean unlimited; 64 means 64."""

@@ -10,8 +10,8 @@ import pytest
 from shared.errors import ConfigError
 from shared.settings import FleetSettings, load_settings
 
-SECRET = "token-secret-that-must-never-be-shown-0123"
-HEADER = f'config_version = 1\ntoken_secret = "{SECRET}"\n'
+NEVER_SHOWN = "token-secret-that-must-never-be-shown-0123"
+HEADER = f'config_version = 1\ntoken_secret = "{NEVER_SHOWN}"\n'
 PROFILE = """
 [profiles.coder]
 image = "agent:1"
@@ -53,7 +53,7 @@ class TestLoadSettings:
 
         assert isinstance(settings, FleetSettings)
         assert settings.config_version == 1
-        assert settings.token_secret.get_secret_value() == SECRET
+        assert settings.token_secret.get_secret_value() == NEVER_SHOWN
         assert settings.key_prefix == "acpf"
         assert settings.worker.lease_ms == 10_000
         assert settings.worker.heartbeat_ms == 2_000
@@ -179,7 +179,7 @@ class TestLoadSettings:
 
         assert "token_secret: " in message
         assert "env-hunter2" not in message
-        assert SECRET not in message
+        assert NEVER_SHOWN not in message
 
     def test_bad_key_digest_not_echoed(self, tmp_path: Path) -> None:
         """A malformed key_sha256 is refused without showing its value."""
@@ -193,7 +193,7 @@ class TestLoadSettings:
 
         assert "orgs.acme.key_sha256: " in message
         assert "sk-live-do-not-print" not in message
-        assert SECRET not in message
+        assert NEVER_SHOWN not in message
 
     def test_heartbeat_above_third_of_lease(self, tmp_path: Path) -> None:
         """heartbeat_ms above a third of lease_ms is refused."""

@@ -48,7 +48,8 @@ def fixed_chunks(data: bytes, size: int) -> Iterator[bytes]:
 
 
 def random_chunks(data: bytes, seed: int) -> Iterator[bytes]:
-    rng = random.Random(seed)
+    # Chunk sizes only; nothing here needs unpredictable numbers.
+    rng = random.Random(seed)  # noqa: S311
     start = 0
     while start < len(data):
         size = rng.choice([1, 2, 7, 8, 9, rng.randint(1, 70_000)])
@@ -160,19 +161,19 @@ class TestFrameDecoder:
             decoder.feed(frame(STDOUT, b"ok\n") + header + b"data!")
 
     def test_malformed_header_bytewise(self) -> None:
-        """Fed a byte at a time, only the good frame's payload is ever data."""
+        """Fed a byte at a time, a bad header raises on its last byte, no data."""
         decoder = FrameDecoder()
-        good = frame(STDOUT, b"ok\n")
-        data = good + struct.pack(">B3xL", 3, 5) + b"data!"
-        received = bytearray()
-        fed = 0
+        bad = struct.pack(">B3xL", 3, 5)
+        received = b"".join(
+            piece
+            for byte in fixed_chunks(frame(STDOUT, b"ok\n") + bad[:7], 1)
+            for _, piece in decoder.feed(byte)
+        )
 
-        with pytest.raises(FrameError):
-            for fed, byte in enumerate(fixed_chunks(data, 1), start=1):
-                received += b"".join(piece for _, piece in decoder.feed(byte))
+        with pytest.raises(FrameError, match="malformed frame header 0300000000000005"):
+            decoder.feed(bad[7:])
 
-        assert bytes(received) == b"ok\n"
-        assert fed == len(good) + 8
+        assert received == b"ok\n"
 
     def test_largest_length_accepted(self) -> None:
         """A header announcing exactly MAX_FRAME_BYTES is not an error."""

@@ -1,0 +1,354 @@
+"""Specification of the session store's scripts, on an in-memory Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from fakeredis.aioredis import FakeRedis
+
+from shared.errors import LeaseLost
+from shared.keys import RATE_WINDOW_MS, RETENTION_MS, Keys
+from shared.models import EndCause, Outcome
+from shared.store import Admission, Claim, SessionStore
+
+KEYS = Keys("t")
+SLOT_TTL_MS = 600_000
+SESSION_TTL_MS = 3_600_000
+LEASE_MS = 10_000
+EXIT_7 = Outcome(cause=EndCause.AGENT_EXIT, exit_code=7)
+CANCELLED = Outcome(cause=EndCause.CANCELLED)
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[SessionStore]:
+    """A store on a fresh in-memory Redis."""
+    redis = FakeRedis()
+    yield SessionStore(redis, keys=KEYS)
+    await redis.aclose()
+
+
+async def admit(
+    store: SessionStore,
+    session_id: str,
+    *,
+    org: str = "acme",
+    max_sessions: int = 2,
+    per_minute: int = 10,
+    queue_max: int = 100,
+) -> Admission:
+    return await store.admit(
+        session_id,
+        org=org,
+        max_sessions=max_sessions,
+        per_minute=per_minute,
+        queue_max=queue_max,
+        slot_ttl_ms=SLOT_TTL_MS,
+        session_ttl_ms=SESSION_TTL_MS,
+        fields={"profile": "coder"},
+    )
+
+
+async def admitted_and_claimed(
+    store: SessionStore, session_id: str, *, lease_ms: int = LEASE_MS
+) -> Claim:
+    assert (await admit(store, session_id)).admitted
+    claim = await store.claim(session_id, node="node-1", lease_ms=lease_ms)
+    assert claim is not None
+    return claim
+
+
+class TestAdmit:
+    """admit counts a session against its org's quotas and queues it."""
+
+    async def test_records_queued_session(self, store: SessionStore) -> None:
+        """An admitted session is recorded as queued with its org and fields."""
+        admission = await admit(store, "s1")
+
+        record = await store.record("s1")
+        assert admission.admitted
+        assert admission.reason is None
+        assert record == {
+            "state": "queued",
+            "admitted_ms": str(admission.admitted_ms),
+            "org": "acme",
+            "profile": "coder",
+        }
+        assert await store.redis.zrange(KEYS.queued, 0, -1) == [b"s1"]
+
+    async def test_concurrency_limit(self, store: SessionStore) -> None:
+        """With max_sessions 2 the third session is refused as org_concurrency."""
+        await admit(store, "s1")
+        await admit(store, "s2")
+
+        third = await admit(store, "s3")
+
+        assert third == Admission(
+            admitted=False, reason="org_concurrency", retry_after_ms=1000
+        )
+        assert await store.record("s3") is None
+
+    async def test_concurrency_is_per_org(self, store: SessionStore) -> None:
+        """Another org's sessions do not count against this org."""
+        await admit(store, "s1", org="beta")
+        await admit(store, "s2", org="beta")
+
+        assert (await admit(store, "s3", org="acme")).admitted
+
+    async def test_rate_limit(self, store: SessionStore) -> None:
+        """Past per_minute admissions a minute, org_rate says when to retry."""
+        await admit(store, "s1", max_sessions=10, per_minute=2)
+        await admit(store, "s2", max_sessions=10, per_minute=2)
+
+        third = await admit(store, "s3", max_sessions=10, per_minute=2)
+
+        assert (third.admitted, third.reason) == (False, "org_rate")
+        assert 0 < third.retry_after_ms <= RATE_WINDOW_MS
+        assert await store.record("s3") is None
+
+    async def test_queue_depth(self, store: SessionStore) -> None:
+        """Past queue_max queued sessions, admission is refused as queue_full."""
+        await admit(store, "s1", org="acme", queue_max=2)
+        await admit(store, "s2", org="beta", queue_max=2)
+
+        third = await admit(store, "s3", org="gamma", queue_max=2)
+
+        assert third == Admission(
+            admitted=False, reason="queue_full", retry_after_ms=1000
+        )
+
+    async def test_quota_keys_have_ttls(self, store: SessionStore) -> None:
+        """After admission every quota key and the record expire (C12)."""
+        await admit(store, "s1")
+
+        ttls = {
+            key: await store.redis.pttl(key)
+            for key in (
+                KEYS.org_slots("acme"),
+                KEYS.org_rate("acme"),
+                KEYS.queued,
+                KEYS.session("s1"),
+            )
+        }
+
+        assert all(ttl > 0 for ttl in ttls.values()), ttls
+        assert ttls[KEYS.org_rate("acme")] <= RATE_WINDOW_MS
+        assert ttls[KEYS.queued] <= SLOT_TTL_MS
+        assert ttls[KEYS.session("s1")] <= SESSION_TTL_MS
+
+    async def test_slot_ttl_follows_a_longer_lease(self, store: SessionStore) -> None:
+        """A claim or renewal past the slot's lapse moves the slot key's TTL (C12)."""
+        claim = await admitted_and_claimed(store, "s1", lease_ms=SLOT_TTL_MS * 2)
+        after_claim = await store.redis.pttl(KEYS.org_slots("acme"))
+
+        await store.renew(claim, SLOT_TTL_MS * 3)
+
+        after_renew = await store.redis.pttl(KEYS.org_slots("acme"))
+        assert SLOT_TTL_MS * 2 < after_claim <= SLOT_TTL_MS * 2 + 1000
+        assert SLOT_TTL_MS * 3 < after_renew <= SLOT_TTL_MS * 3 + 1000
+
+
+class TestClaim:
+    """claim hands a queued session to exactly one worker."""
+
+    async def test_claim_returns_env_and_deletes_it(self, store: SessionStore) -> None:
+        """The claim carries the session's env and removes the env key."""
+        await admit(store, "s1")
+        await store.put_env("s1", {"API_TOKEN": "abc"}, ttl_ms=SLOT_TTL_MS)
+
+        claim = await store.claim("s1", node="node-1", lease_ms=LEASE_MS)
+
+        assert claim is not None
+        assert (claim.session_id, claim.org, claim.token) == ("s1", "acme", "node-1/1")
+        assert claim.env == {"API_TOKEN": "abc"}
+        assert claim.record["state"] == "starting"
+        assert claim.record["node"] == "node-1"
+        assert claim.record["lease"] == "node-1/1"
+        assert await store.redis.exists(KEYS.session_env("s1")) == 0
+        assert await store.redis.get(KEYS.lease("s1")) == b"node-1/1"
+        assert await store.redis.zrange(KEYS.queued, 0, -1) == []
+
+    async def test_claim_without_env(self, store: SessionStore) -> None:
+        """A session with no env is claimed with an empty env."""
+        await admit(store, "s1")
+
+        claim = await store.claim("s1", node="node-1", lease_ms=LEASE_MS)
+
+        assert claim is not None
+        assert claim.env == {}
+
+    async def test_second_claim_is_refused(self, store: SessionStore) -> None:
+        """A session is never claimed twice."""
+        first = await admitted_and_claimed(store, "s1")
+
+        second = await store.claim("s1", node="node-2", lease_ms=LEASE_MS)
+
+        assert second is None
+        assert await store.redis.get(KEYS.lease("s1")) == first.token.encode()
+
+    async def test_unknown_session(self, store: SessionStore) -> None:
+        """A session without a record is not claimable."""
+        assert await store.claim("nope", node="node-1", lease_ms=LEASE_MS) is None
+
+    async def test_fencing_tokens_increase(self, store: SessionStore) -> None:
+        """Each claim gets a larger fencing token than the last."""
+        first = await admitted_and_claimed(store, "s1")
+
+        second = await admitted_and_claimed(store, "s2")
+
+        assert (first.token, second.token) == ("node-1/1", "node-1/2")
+
+
+class TestRenew:
+    """renew extends a lease only for its owner."""
+
+    async def test_owner_renews(self, store: SessionStore) -> None:
+        """The owner's token renews the lease."""
+        claim = await admitted_and_claimed(store, "s1")
+
+        assert await store.renew(claim, LEASE_MS * 2) is True
+        assert LEASE_MS < await store.redis.pttl(KEYS.lease("s1")) <= LEASE_MS * 2
+
+    async def test_wrong_token(self, store: SessionStore) -> None:
+        """A token that does not own the session renews nothing."""
+        claim = await admitted_and_claimed(store, "s1")
+        stale = Claim("s1", "acme", "node-9/99", claim.record, {})
+
+        assert await store.renew(stale, LEASE_MS) is False
+        assert await store.redis.get(KEYS.lease("s1")) == b"node-1/1"
+
+
+class TestAppend:
+    """append writes output only while the caller owns the session."""
+
+    async def test_owner_appends(self, store: SessionStore) -> None:
+        """Entries land in the stdout stream in order, with a TTL."""
+        claim = await admitted_and_claimed(store, "s1")
+
+        last_id = await store.append(
+            claim, [(b"o", b"hello\n"), (b"e", b"\xffraw")], ttl_ms=60_000
+        )
+
+        entries = await store.redis.xrange(KEYS.stdout("s1"))
+        assert [fields for _, fields in entries] == [
+            {b"o": b"hello\n"},
+            {b"e": b"\xffraw"},
+        ]
+        assert last_id == entries[-1][0]
+        assert 0 < await store.redis.pttl(KEYS.stdout("s1")) <= 60_000
+
+    async def test_stale_token(self, store: SessionStore) -> None:
+        """A stale lease token raises LeaseLost and writes nothing."""
+        claim = await admitted_and_claimed(store, "s1")
+        stale = Claim("s1", "acme", "node-1/0", claim.record, {})
+
+        with pytest.raises(LeaseLost) as caught:
+            await store.append(stale, [(b"o", b"late\n")], ttl_ms=60_000)
+
+        assert caught.value.session_id == "s1"
+        assert await store.redis.exists(KEYS.stdout("s1")) == 0
+
+
+class TestFinish:
+    """finish ends a session exactly once and frees its quota."""
+
+    async def test_owner_finishes_once(self, store: SessionStore) -> None:
+        """The owner's finish ends the session; a second finish does nothing."""
+        claim = await admitted_and_claimed(store, "s1")
+
+        first = await store.finish("s1", org="acme", expect=claim.token, outcome=EXIT_7)
+        second = await store.finish(
+            "s1", org="acme", expect=claim.token, outcome=EXIT_7
+        )
+
+        record = await store.record("s1")
+        assert (first, second) == (True, False)
+        assert record is not None
+        assert (record["state"], record["cause"], record["exit_code"]) == (
+            "ended",
+            "agent_exit",
+            "7",
+        )
+        assert await store.redis.exists(KEYS.lease("s1")) == 0
+        assert await store.redis.zscore(KEYS.running, "s1") is None
+
+    async def test_finish_frees_the_slot(self, store: SessionStore) -> None:
+        """After a finish the org's freed slot admits a new session."""
+        claim = await admitted_and_claimed(store, "s1")
+        await admit(store, "s2")
+        assert not (await admit(store, "s3")).admitted
+
+        await store.finish("s1", org="acme", expect=claim.token, outcome=EXIT_7)
+
+        assert (await admit(store, "s4")).admitted
+        assert await store.redis.zcard(KEYS.org_slots("acme")) == 2
+
+    async def test_finish_closes_stdout(self, store: SessionStore) -> None:
+        """One end entry carrying the outcome closes the stdout stream."""
+        claim = await admitted_and_claimed(store, "s1")
+        await store.append(claim, [(b"o", b"done\n")], ttl_ms=60_000)
+
+        await store.finish("s1", org="acme", expect=claim.token, outcome=EXIT_7)
+        await store.finish("s1", org="acme", expect=claim.token, outcome=EXIT_7)
+
+        entries = [fields for _, fields in await store.redis.xrange(KEYS.stdout("s1"))]
+        assert entries[0] == {b"o": b"done\n"}
+        assert len(entries) == 2
+        assert json.loads(entries[1][b"end"]) == {
+            "type": "end",
+            "cause": "agent_exit",
+            "exit_code": 7,
+            "oom_killed": False,
+        }
+        assert 0 < await store.redis.pttl(KEYS.stdout("s1")) <= RETENTION_MS
+
+    async def test_wrong_token(self, store: SessionStore) -> None:
+        """A token that does not own the session ends nothing."""
+        await admitted_and_claimed(store, "s1")
+
+        ended = await store.finish("s1", org="acme", expect="node-2/7", outcome=EXIT_7)
+
+        assert ended is False
+        assert (await store.record("s1") or {})["state"] == "starting"
+
+    async def test_cancel_queued(self, store: SessionStore) -> None:
+        """expect='queued' ends an unclaimed session and frees its slot."""
+        await admit(store, "s1")
+        await admit(store, "s2")
+
+        ended = await store.finish("s1", org="acme", expect="queued", outcome=CANCELLED)
+
+        assert ended is True
+        assert (await store.record("s1") or {})["state"] == "ended"
+        assert await store.redis.zrange(KEYS.queued, 0, -1) == [b"s2"]
+        assert await store.redis.zrange(KEYS.org_slots("acme"), 0, -1) == [b"s2"]
+        assert await store.claim("s1", node="node-1", lease_ms=LEASE_MS) is None
+
+    async def test_cancel_queued_refuses_claimed(self, store: SessionStore) -> None:
+        """expect='queued' does not end a session a worker has claimed."""
+        await admitted_and_claimed(store, "s1")
+
+        ended = await store.finish("s1", org="acme", expect="queued", outcome=CANCELLED)
+
+        assert ended is False
+
+    async def test_lapsed_lease_frees_slot(self, store: SessionStore) -> None:
+        """When the owner's lease lapses, the slot frees and 'lapsed' ends it."""
+        for session_id in ("s1", "s2"):
+            await admit(store, session_id)
+            await store.claim(session_id, node="node-1", lease_ms=50)
+        await asyncio.sleep(0.1)
+
+        third = await admit(store, "s3")
+        ended = await store.finish(
+            "s1",
+            org="acme",
+            expect="lapsed",
+            outcome=Outcome(cause=EndCause.WORKER_LOST),
+        )
+
+        assert third.admitted
+        assert ended is True
+        assert (await store.record("s1") or {})["cause"] == "worker_lost"
