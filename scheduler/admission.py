@@ -14,11 +14,11 @@ import uuid
 import structlog
 from arq.connections import ArqRedis
 
+from scheduler.auth import Authenticator
 from shared.errors import AdmissionRefused, InvalidRequest
 from shared.models import CreateSession, EndCause, Outcome, SessionCreated, SessionState
 from shared.settings import AgentProfile, FleetSettings
 from shared.store import SessionStore
-from scheduler.auth import Authenticator
 
 log = structlog.get_logger("scheduler.admission")
 

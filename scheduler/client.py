@@ -90,7 +90,14 @@ class FleetClient:
         return Stdio(url, self.credential)
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        response = await self._http.request(method, path, **kwargs)
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # A server may close an idle keep-alive connection just as it is
+            # reused; only a request that is safe to repeat is sent again.
+            if method == "POST":
+                raise
+            response = await self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]

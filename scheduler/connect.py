@@ -40,9 +40,9 @@ async def connect(target: Target) -> int:
             created = await client.create_session(target.profile, env=target.env)
             session_id, credential = created["id"], created["token"]
             _note(f"acp-fleet: session {session_id}")
-    async with FleetClient(target.base_url, credential) as client:
-        async with client.stdio(session_id) as stdio:
-            return await _relay(stdio)
+    client = FleetClient(target.base_url, credential)
+    async with client, client.stdio(session_id) as stdio:
+        return await _relay(stdio)
 
 
 async def _relay(stdio: Stdio) -> int:

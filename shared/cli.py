@@ -129,6 +129,9 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         host=args.host or settings.scheduler.host,
         port=args.port if args.port is not None else settings.scheduler.port,
         log_level="warning",
+        # Longer than clients' usual idle reuse, so that a kept-alive
+        # connection is rarely closed under a request.
+        timeout_keep_alive=75,
         ws_max_size=64 * 1024 * 1024,
     )
     return 0

@@ -13,10 +13,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any, cast
 
-from typing import Any
-
-from acp import PROTOCOL_VERSION, RequestError, text_block
+from acp import PROTOCOL_VERSION, Client, RequestError, text_block
 from acp.schema import (
     ClientCapabilities,
     DeniedOutcome,
@@ -86,7 +85,7 @@ async def _drive(
     command += ["--session", session_id, "--token", token]
     started = time.perf_counter()
     async with spawn_agent_process(
-        RecordingClient(),
+        cast(Client, RecordingClient()),
         command[0],
         *command[1:],
         cwd=REPO,
@@ -119,6 +118,7 @@ async def _drive(
         except RequestError as exc:
             exchange.prompt_error = exc
         exchange.steps_s["session/prompt"] = time.perf_counter() - mark
+        assert process.stdin is not None
         process.stdin.close()
         exchange.connect_exit = await asyncio.wait_for(process.wait(), 60)
 
@@ -188,9 +188,8 @@ def _report(view: dict[str, Any], exchange: Exchange, create_s: float) -> None:
     print(
         f"sandbox start (claimed -> ready)   {span('claimed_ms', 'sandbox_ready_ms')}"
     )
-    print(
-        f"agent start (ready -> first byte)  {span('sandbox_ready_ms', 'first_byte_ms')}"
-    )
+    agent_start = span("sandbox_ready_ms", "first_byte_ms")
+    print(f"agent start (ready -> first byte)  {agent_start}")
     for step, seconds in exchange.steps_s.items():
         print(f"{step + ' round trip':<35}{seconds * 1000:>7.0f} ms")
     print(f"session life (admitted -> ended)   {span('admitted_ms', 'ended_ms')}")

@@ -102,10 +102,10 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
   return {'org_concurrency', 1000}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - %(window)d)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - {window})
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return {'org_rate', tonumber(oldest[2]) + %(window)d - now}
+  return {'org_rate', tonumber(oldest[2]) + {window} - now}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - slot_ttl)
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then
@@ -114,15 +114,14 @@ end
 redis.call('ZADD', KEYS[1], now + slot_ttl, sid)
 expire_at_last(KEYS[1])
 redis.call('ZADD', KEYS[2], now, sid)
-redis.call('PEXPIRE', KEYS[2], %(window)d)
+redis.call('PEXPIRE', KEYS[2], {window})
 redis.call('ZADD', KEYS[3], now, sid)
 redis.call('PEXPIRE', KEYS[3], slot_ttl)
 redis.call('HSET', KEYS[4], 'state', 'queued', 'admitted_ms', now,
            unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]))
 return {'ok', now}
-"""
-    % {"window": RATE_WINDOW_MS}
+""".replace("{window}", str(RATE_WINDOW_MS))
 )
 
 # KEYS: session, lease, queued, org_slots, fence, session_env, running

@@ -35,10 +35,7 @@ def parse_memory_bytes(value: object) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"expected {_MEMORY_FORMS}")
-    if isinstance(value, int):
-        memory_bytes = value
-    else:
-        memory_bytes = _memory_string_bytes(value)
+    memory_bytes = value if isinstance(value, int) else _memory_string_bytes(value)
     if memory_bytes < MIN_MEMORY_BYTES:
         raise ValueError(
             f"{value!r} is below the minimum of 6 MiB that Docker accepts; "

@@ -125,7 +125,9 @@ class SessionStore:
 
     async def record(self, session_id: str) -> dict[str, str] | None:
         """Return the session's record, or None when there is none."""
-        raw = await self.redis.hgetall(self.keys.session(session_id))
+        key = self.keys.session(session_id)
+        # redis-py types its asyncio client's replies as maybe-awaitable.
+        raw: dict[bytes, bytes] = await self.redis.hgetall(key)  # type: ignore[misc]
         if not raw:
             return None
         return {_text(name): _text(value) for name, value in raw.items()}
@@ -133,7 +135,7 @@ class SessionStore:
     async def claim(self, session_id: str, *, node: str, lease_ms: int) -> Claim | None:
         """Take a queued session for this node; None if it is not claimable."""
         k = self.keys
-        org = await self.redis.hget(k.session(session_id), "org")
+        org = await self.redis.hget(k.session(session_id), "org")  # type: ignore[misc]
         if org is None:
             return None
         org = _text(org)

@@ -16,15 +16,15 @@ MIB = 1024 * 1024
 # C01: a 200,000-byte stdout line, a 70,000-byte stderr line, then 50,000
 # euro signs on stdout with no final newline.
 C01_SCRIPT = (
-    "awk 'BEGIN { s = sprintf(\"%200000s\", \"\"); gsub(/ /, \"x\", s); print s }'; "
-    "awk 'BEGIN { s = sprintf(\"%70000s\", \"\"); gsub(/ /, \"y\", s); print s }' >&2; "
+    'awk \'BEGIN { s = sprintf("%200000s", ""); gsub(/ /, "x", s); print s }\'; '
+    'awk \'BEGIN { s = sprintf("%70000s", ""); gsub(/ /, "y", s); print s }\' >&2; '
     "awk 'BEGIN { for (i = 0; i < 50000; i++) printf \"\\342\\202\\254\" }'"
 )
 # C14: a 1 MiB session/update line, a small one, then 80 MiB with no newline.
 C14_SCRIPT = (
-    "printf '{\"jsonrpc\":\"2.0\",\"method\":\"session/update\",\"params\":{\"t\":\"'; "
+    'printf \'{"jsonrpc":"2.0","method":"session/update","params":{"t":"\'; '
     "head -c 1048576 /dev/zero | tr '\\0' a; printf '\"}}\\n'; "
-    "echo '{\"jsonrpc\":\"2.0\",\"method\":\"small\"}'; "
+    'echo \'{"jsonrpc":"2.0","method":"small"}\'; '
     "head -c 83886080 /dev/zero | tr '\\0' b; sleep 60"
 )
 # C07: the probe reports the modes and owners of the tmpfs mounts, then

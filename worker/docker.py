@@ -97,7 +97,9 @@ def container_config(
             "SecurityOpt": ["no-new-privileges:true", f"seccomp={seccomp}"],
             "ReadonlyRootfs": True,
             "Tmpfs": {
-                "/tmp": tmpfs(limits.tmp_bytes, "1777", executable=False),
+                "/tmp": tmpfs(  # noqa: S108 - a private tmpfs, not the host's /tmp
+                    limits.tmp_bytes, "1777", executable=False
+                ),
                 "/run": tmpfs(8 * 1024**2, "0755", executable=False),
                 profile.home: tmpfs(limits.home_bytes, "0700", executable=True),
                 profile.workdir: tmpfs(limits.workspace_bytes, "0755", executable=True),

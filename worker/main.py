@@ -49,7 +49,7 @@ def build_worker(settings: FleetSettings) -> Worker:
         functions=[
             # One try only: a session must never start twice, and a job
             # that arq retries finds its session already claimed.
-            func(run_session, name="run_session", max_tries=1),  # type: ignore[arg-type]
+            func(run_session, name="run_session", max_tries=1),
         ],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         queue_name=keys.arq_queue,

@@ -7,6 +7,8 @@ session whose owner stopped renewing its lease, on any node.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import structlog
 
 from shared.errors import SandboxError
@@ -27,7 +29,7 @@ class Reconciler:
         runtime: DockerRuntime,
         fleet: str,
         node: str,
-        owned: set[str] | dict[str, object],
+        owned: Collection[str],
     ) -> None:
         self.store = store
         self.runtime = runtime

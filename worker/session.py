@@ -258,7 +258,8 @@ class SessionRun:
         cursor = b"0-0"
         while True:
             entries = await self.store.read_stream(key, cursor, block_ms=0)
-            for cursor, fields in entries:
+            for entry_id, fields in entries:
+                cursor = entry_id
                 if b"cancel" in fields:
                     await self._stop(
                         EndCause.CANCELLED, "cancelled by client", graceful=False

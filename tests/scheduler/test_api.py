@@ -72,7 +72,11 @@ async def cancel_queued(fleet: LocalFleet, org: str) -> None:
     redis, keys = redis_of(fleet)
     with redis:
         queued = [raw.decode() for raw in redis.zrange(keys.queued, 0, -1)]
-        owned = [sid for sid in queued if redis.hget(keys.session(sid), "org") == org.encode()]
+        owned = [
+            sid
+            for sid in queued
+            if redis.hget(keys.session(sid), "org") == org.encode()
+        ]
     async with FleetClient(fleet.url, fleet.api_keys[org]) as client:
         for session_id in owned:
             await client.cancel(session_id)
@@ -171,10 +175,9 @@ class TestAuthentication:
                 await intruder.session(session_id)
             with pytest.raises(ApiError) as cancel:
                 await intruder.cancel(session_id)
-            with pytest.raises(ApiError) as attach:
-                async with intruder.stdio(session_id) as stdio:
-                    async for _ in stdio.events():
-                        pass
+            async with intruder.stdio(session_id) as stdio:
+                with pytest.raises(ApiError) as attach:
+                    await anext(stdio.events())
 
         assert (read.value.status, read.value.code) == (404, "session_not_found")
         assert (cancel.value.status, cancel.value.code) == (404, "session_not_found")
