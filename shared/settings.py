@@ -121,7 +121,7 @@ class WorkerConfig(_Strict):
     lease_ms: int = Field(10_000, ge=1000)
     heartbeat_ms: int = Field(2_000, ge=100)
     poll_delay_ms: int = Field(50, ge=5, le=5000)
-    eof_grace_s: float = Field(3.0, gt=0, le=300)
+    eof_grace_s: float = Field(5.0, gt=0, le=300)
     kill_grace_s: float = Field(2.0, gt=0, le=300)
     reconcile_interval_s: float = Field(30.0, gt=0)
 

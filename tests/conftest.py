@@ -46,6 +46,6 @@ def fleet(redis_url: str, docker_images: None) -> Iterator[LocalFleet]:
             "acme": {"max_sessions": 64, "sessions_per_minute": 100_000},
             "beta": {"max_sessions": 4, "sessions_per_minute": 100_000},
         },
-        worker={"max_sessions": 32, "eof_grace_s": 2.0, "kill_grace_s": 1.0},
+        worker={"max_sessions": 32, "kill_grace_s": 1.0},
     ) as running:
         yield running

@@ -37,7 +37,7 @@ C07_PROBE = (
 )
 
 
-def _busybox(script: str, **limits: Any) -> dict[str, Any]:
+def busybox_profile(script: str, **limits: Any) -> dict[str, Any]:
     return {
         "image": BUSYBOX_IMAGE,
         "command": ["sh", "-c", script],
@@ -48,25 +48,27 @@ def _busybox(script: str, **limits: Any) -> dict[str, Any]:
 
 PROFILES: dict[str, Any] = {
     "claude": agent_profile(),
-    "cat-exit": _busybox("cat; echo done; exit 7"),
-    "exit3": _busybox("exit 3"),
-    "c01": _busybox(C01_SCRIPT),
-    "c14": _busybox(C14_SCRIPT, memory="256m"),
-    "oom": _busybox(
+    "cat-exit": busybox_profile("cat; echo done; exit 7"),
+    "exit3": busybox_profile("exit 3"),
+    "c01": busybox_profile(C01_SCRIPT),
+    "c14": busybox_profile(C14_SCRIPT, memory="256m"),
+    "oom": busybox_profile(
         "head -c 268435456 /dev/zero | tail -c 268435456 > /dev/null; exit 0"
     ),
-    "sleep": _busybox("sleep 600"),
+    "sleep": busybox_profile("sleep 600"),
     # The forks run in a subshell; afterwards the agent uses builtins only,
     # since the sleepers hold every pid the limit allows.
-    "forks": _busybox(
+    "forks": busybox_profile(
         "(for i in $(seq 100); do sleep 60 & done); echo alive; "
         "read x < /sys/fs/cgroup/pids/pids.max; echo $x; "
         'while read line; do echo "$line"; done'
     ),
-    "pids-unlimited": _busybox("cat /sys/fs/cgroup/pids/pids.max", pids="unlimited"),
-    "pids-minus-one": _busybox("cat /sys/fs/cgroup/pids/pids.max", pids=-1),
-    "probe": _busybox(C07_PROBE + "; " + C07_PROBE),
-    "wait-stdin": _busybox("cat", memory="1g"),
+    "pids-unlimited": busybox_profile(
+        "cat /sys/fs/cgroup/pids/pids.max", pids="unlimited"
+    ),
+    "pids-minus-one": busybox_profile("cat /sys/fs/cgroup/pids/pids.max", pids=-1),
+    "probe": busybox_profile(C07_PROBE + "; " + C07_PROBE),
+    "wait-stdin": busybox_profile("cat", memory="1g"),
 }
 
 

@@ -119,6 +119,7 @@ class SessionRun:
             raise
         finally:
             heartbeat.cancel()
+            await self._cancel_tasks()
             await _shielded(self._cleanup(outcome))
 
         return outcome
@@ -138,6 +139,12 @@ class SessionRun:
         exit_state = await self._relay()
 
         return self._outcome(exit_state)
+
+    async def _cancel_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _spec(self) -> SandboxSpec:
         profile = self.settings.profiles.get(self.profile_name)
@@ -183,7 +190,7 @@ class SessionRun:
     async def _relay(self) -> ExitState | None:
         """Carry stdio both ways until the sandbox stops; return its exit."""
         assert self.container_id is not None
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self._pump_in(), name="stdin"),
             asyncio.create_task(self._lifetime(), name="lifetime"),
         ]
@@ -197,9 +204,7 @@ class SessionRun:
             self._note_stop(EndCause.RELAY_FAILED, f"exit state unknown: {exc}")
             return None
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._cancel_tasks()
 
     async def _pump_out(self) -> None:
         """Relay the agent's stdout and stderr into the session's stream."""
@@ -210,7 +215,7 @@ class SessionRun:
             try:
                 pieces = decoder.feed(chunk)
             except FrameError as exc:
-                await self._stop(EndCause.RELAY_FAILED, str(exc), graceful=False)
+                self._stop_soon(EndCause.RELAY_FAILED, str(exc))
                 return
             entries: list[tuple[bytes, bytes]] = []
             for stream, data in pieces:
@@ -225,7 +230,7 @@ class SessionRun:
                     # Earlier lines are already delivered; the long one is
                     # dropped whole and the rest of stdout is discarded.
                     lines = None
-                    await self._stop(EndCause.LINE_TOO_LONG, str(exc), graceful=False)
+                    self._stop_soon(EndCause.LINE_TOO_LONG, str(exc))
                     continue
                 if ready:
                     entries.append((b"o", ready))
@@ -240,7 +245,7 @@ class SessionRun:
         try:
             await self.store.append(self.claim, entries, RETENTION_MS)
         except LeaseLost:
-            await self._lose_lease()
+            self._lose_lease()
             return
         if not self._first_byte and any(name == b"o" for name, _ in entries):
             self._first_byte = True
@@ -310,21 +315,32 @@ class SessionRun:
                 log.warning("session.heartbeat_failed", exc_info=True)
                 continue
             if not kept:
-                await self._lose_lease()
+                self._lose_lease()
                 return
 
-    async def _lose_lease(self) -> None:
+    def _lose_lease(self) -> None:
         if self._lease_lost:
             return
         self._lease_lost = True
         log.warning("session.lease_lost")
-        await self._stop(EndCause.WORKER_LOST, "lease lost", graceful=False)
+        self._stop_soon(EndCause.WORKER_LOST, "lease lost")
 
     def _note_stop(self, cause: EndCause, detail: str) -> bool:
         if self._stop_cause is not None:
             return False
         self._stop_cause, self._stop_detail = cause, detail
         return True
+
+    def _stop_soon(self, cause: EndCause, detail: str) -> None:
+        """Kill the sandbox without waiting, for the output pump.
+
+        Docker's kill waits until the container has stopped, and a container
+        only stops once its output is drained: the pump that reads the
+        output must keep reading while the kill is under way.
+        """
+        self._tasks.append(
+            asyncio.create_task(self._stop(cause, detail, graceful=False), name="stop")
+        )
 
     async def _stop(self, cause: EndCause, detail: str, *, graceful: bool) -> None:
         """Stop the sandbox for ``cause`` unless another cause came first."""
@@ -344,6 +360,11 @@ class SessionRun:
         code = exit_state.exit_code if exit_state else None
         oom = bool(exit_state and exit_state.oom_killed)
         cause = self._stop_cause
+        if cause is EndCause.EOF_IGNORED and code is not None and code < 128:
+            # Exiting after EOF is what the agent was meant to do; a status of
+            # its own, not a death by the fleet's signal, means it did so,
+            # though later than the grace (a loaded node reports exits late).
+            cause = None
         if cause is None:
             cause = EndCause.OOM_KILLED if oom else EndCause.AGENT_EXIT
         return Outcome(

@@ -36,6 +36,16 @@ def container_of(session_id: str) -> dict[str, Any]:
     return info
 
 
+def worker_peak_rss_mib(fleet: LocalFleet) -> int:
+    """The worker process' peak resident memory so far."""
+    pid = fleet.processes["worker"].pid
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
 async def wait_running(fleet: LocalFleet, session_id: str) -> dict[str, Any]:
     async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
         for _ in range(200):
@@ -83,6 +93,8 @@ class TestStdioRelay:
         assert ran.end["cause"] == "line_too_long"
         assert str(16 * MIB) in ran.end["detail"]
         assert ran.end["kill_signal"] == "SIGKILL"
+        peak_mib = worker_peak_rss_mib(fleet)
+        assert peak_mib < 200, f"worker peaked at {peak_mib} MiB"
 
 
 class TestExitCauses:
