@@ -17,6 +17,10 @@ from websockets.exceptions import ConnectionClosedOK
 
 from shared.wire import Output, decode_output
 
+# Acknowledging in steps of this size keeps the relay's backlog well under
+# its bound while costing one small message per 256 KiB of output.
+ACK_EVERY_BYTES = 256 * 1024
+
 
 class ApiError(Exception):
     """The API refused a call; ``code`` is its machine-readable reason."""
@@ -109,6 +113,13 @@ class FleetClient:
 
 
 @dataclass(frozen=True)
+class SlowClient:
+    """The relay stopped reading the agent until this client catches up."""
+
+    backlog_bytes: int
+
+
+@dataclass(frozen=True)
 class End:
     """The session ended: its cause, exit code and the rest of its outcome."""
 
@@ -169,21 +180,41 @@ class Stdio:
         with contextlib.suppress(ConnectionClosedOK):
             await self.ws.send(json.dumps({"type": "eof"}))
 
-    async def events(self) -> AsyncIterator[Output | End]:
+    async def events(self) -> AsyncIterator[Output | SlowClient | End]:
         """Yield output as it arrives, then the ``End`` of the session.
+
+        Output is acknowledged once the caller has taken it (when it asks
+        for the next event), so the relay can keep the agent running.
 
         Raises:
             ApiError: the gateway refused the connection or a message.
         """
+        unacked_bytes, cursor = 0, None
         async for message in self.ws:
             if isinstance(message, bytes):
-                yield decode_output(message)
+                output = decode_output(message)
+                yield output
+                cursor = output.cursor
+                unacked_bytes += len(output.data)
+                if unacked_bytes >= ACK_EVERY_BYTES:
+                    await self.ack(cursor)
+                    unacked_bytes = 0
                 continue
             control = json.loads(message)
-            if control.get("type") == "end":
+            kind = control.get("type")
+            if kind == "end":
                 yield End(control)
                 return
-            if control.get("type") == "error":
-                raise ApiError(
-                    400, control.get("code", "error"), control.get("message", "")
-                )
+            if kind == "slow_client":
+                if cursor is not None:
+                    await self.ack(cursor)
+                    unacked_bytes = 0
+                yield SlowClient(int(control["backlog_bytes"]))
+            elif kind == "error":
+                code, text = control.get("code", "error"), control.get("message", "")
+                raise ApiError(400, code, text)
+
+    async def ack(self, cursor: str) -> None:
+        """Tell the fleet that output up to ``cursor`` has been consumed."""
+        with contextlib.suppress(ConnectionClosedOK):
+            await self.ws.send(json.dumps({"type": "ack", "cursor": cursor}))

@@ -11,7 +11,7 @@ import asyncio
 import sys
 from dataclasses import dataclass, field
 
-from scheduler.client import End, FleetClient, Stdio
+from scheduler.client import End, FleetClient, SlowClient, Stdio
 from shared.wire import STDOUT
 
 # Exit status when the session ended for a reason other than the agent's
@@ -51,6 +51,8 @@ async def _relay(stdio: Stdio) -> int:
         async for event in stdio.events():
             if isinstance(event, End):
                 return _exit_status(event)
+            if isinstance(event, SlowClient):
+                continue
             stream = sys.stdout.buffer if event.channel == STDOUT else sys.stderr.buffer
             stream.write(event.data)
             stream.flush()

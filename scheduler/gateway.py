@@ -15,7 +15,7 @@ import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from shared.store import SessionStore
-from shared.wire import encode_output
+from shared.wire import encode_output, parse_cursor
 
 log = structlog.get_logger("scheduler.gateway")
 
@@ -59,6 +59,10 @@ async def _outbound(
             if b"end" in fields:
                 await ws.send_text(fields[b"end"].decode())
                 return
+            if b"slow" in fields:
+                backlog = int(fields[b"slow"])
+                notice = {"type": "slow_client", "backlog_bytes": backlog}
+                await ws.send_text(json.dumps(notice))
             for name in (b"o", b"e"):
                 if name in fields:
                     await ws.send_bytes(encode_output(name, entry_id, fields[name]))
@@ -79,19 +83,37 @@ async def _control(
     ws: WebSocket, store: SessionStore, session_id: str, text: str
 ) -> None:
     try:
-        kind = json.loads(text).get("type")
+        message = json.loads(text)
+        kind = message.get("type")
     except (ValueError, AttributeError):
         kind = None
     if kind == "eof":
         await store.write_stdin(session_id, "eof")
         return
-    await ws.send_text(
-        json.dumps(
-            {
-                "type": "error",
-                "code": "unknown_message",
-                "message": 'Text messages must be JSON {"type": "eof"}; '
-                "send stdin as binary messages.",
-            }
-        )
+    if kind == "ack":
+        await _ack(ws, store, session_id, message.get("cursor"))
+        return
+    await _refuse_message(
+        ws,
+        "unknown_message",
+        'Text messages must be JSON {"type": "eof"} or {"type": "ack", '
+        '"cursor": "<millis>-<seq>"}; send stdin as binary messages.',
     )
+
+
+async def _ack(
+    ws: WebSocket, store: SessionStore, session_id: str, cursor: object
+) -> None:
+    try:
+        position = parse_cursor(cursor if isinstance(cursor, str) else None)
+    except ValueError as exc:
+        await _refuse_message(ws, "invalid_cursor", str(exc))
+        return
+    if await store.ack(session_id, position) < 0:
+        await _refuse_message(
+            ws, "unknown_cursor", f"No output entry {position} is kept to acknowledge."
+        )
+
+
+async def _refuse_message(ws: WebSocket, code: str, message: str) -> None:
+    await ws.send_text(json.dumps({"type": "error", "code": code, "message": message}))

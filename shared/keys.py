@@ -36,7 +36,9 @@ class Keys:
 
     def stdout(self, session_id: str) -> str:
         """Stream: agent-to-client bytes, ``o`` (stdout) or ``e`` (stderr),
-        closed by one ``end`` entry carrying the outcome as JSON."""
+        each with ``n``, the output bytes so far; ``slow`` notices when the
+        relay waits for the client; one ``end`` entry with the outcome.
+        Entries a client acknowledged are trimmed."""
         return f"{self.prefix}:session:{session_id}:out"
 
     def lease(self, session_id: str) -> str:
@@ -165,19 +167,48 @@ return 1
 """
 )
 
-# KEYS: lease, stdout
+# KEYS: lease, stdout, session
 # ARGV: lease_token, stream_ttl_ms, then field/value pairs, one entry each
-# Returns the id of the last entry added; errors with LEASE_LOST otherwise.
+# Each entry also gets ``n``, the session's output bytes up to its end, so
+# that an acknowledged cursor tells how much the client has consumed.
+# Returns {last_id, backlog_bytes}; errors with LEASE_LOST otherwise.
 APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('LEASE_LOST')
 end
 local id
+local total = tonumber(redis.call('HGET', KEYS[3], 'out_bytes') or '0')
 for i = 3, #ARGV, 2 do
-  id = redis.call('XADD', KEYS[2], '*', ARGV[i], ARGV[i + 1])
+  -- Only agent output counts; notices such as "slow" are not its bytes.
+  if ARGV[i] == 'o' or ARGV[i] == 'e' then
+    total = redis.call('HINCRBY', KEYS[3], 'out_bytes', #ARGV[i + 1])
+  end
+  id = redis.call('XADD', KEYS[2], '*', ARGV[i], ARGV[i + 1], 'n', total)
 end
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
-return id
+local acked = tonumber(redis.call('HGET', KEYS[3], 'acked_bytes') or '0')
+return {id, total - acked}
+"""
+
+# KEYS: session, stdout
+# ARGV: cursor the client has consumed up to
+# Trims what the client has consumed and returns the backlog that remains,
+# or -1 when the cursor names no entry of the stream.
+ACK = """
+local entry = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1])
+if #entry == 0 then return -1 end
+local fields, upto = entry[1][2], nil
+for i = 1, #fields, 2 do
+  if fields[i] == 'n' then upto = tonumber(fields[i + 1]) end
+end
+if not upto then return -1 end
+local acked = tonumber(redis.call('HGET', KEYS[1], 'acked_bytes') or '0')
+if upto > acked then
+  redis.call('HSET', KEYS[1], 'acked_bytes', upto)
+  redis.call('XTRIM', KEYS[2], 'MINID', ARGV[1])
+  acked = upto
+end
+return tonumber(redis.call('HGET', KEYS[1], 'out_bytes') or '0') - acked
 """
 
 # KEYS: lease, session

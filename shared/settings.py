@@ -124,6 +124,9 @@ class WorkerConfig(_Strict):
     eof_grace_s: float = Field(5.0, gt=0, le=300)
     kill_grace_s: float = Field(2.0, gt=0, le=300)
     reconcile_interval_s: float = Field(30.0, gt=0)
+    # Output no client has acknowledged, per session; past it the relay
+    # stops reading from the agent until the client catches up.
+    backlog_bytes: int = Field(8 * 1024**2, ge=64 * 1024)
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerConfig:

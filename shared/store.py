@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from shared.errors import LeaseLost
 from shared.keys import (
+    ACK,
     ADMIT,
     APPEND,
     CLAIM,
@@ -75,6 +76,7 @@ class SessionStore:
         self._append = redis.register_script(APPEND)
         self._update = redis.register_script(UPDATE)
         self._finish = redis.register_script(FINISH)
+        self._ack = redis.register_script(ACK)
 
     async def admit(
         self,
@@ -175,8 +177,11 @@ class SessionStore:
 
     async def append(
         self, claim: Claim, entries: Sequence[tuple[bytes, bytes]], ttl_ms: int
-    ) -> bytes:
-        """Add stdout/stderr entries, fenced by the lease; returns the last id.
+    ) -> int:
+        """Add stdout/stderr entries, fenced by the lease.
+
+        Returns:
+            The bytes of output that no client has acknowledged yet.
 
         Raises:
             LeaseLost: another owner holds the session now.
@@ -185,16 +190,35 @@ class SessionStore:
         for field, value in entries:
             args += [field, value]
         k = self.keys
+        sid = claim.session_id
         try:
-            last_id = await self._append(
-                keys=[k.lease(claim.session_id), k.stdout(claim.session_id)],
-                args=args,
+            _, backlog = await self._append(
+                keys=[k.lease(sid), k.stdout(sid), k.session(sid)], args=args
             )
         except ResponseError as exc:
             if "LEASE_LOST" in str(exc):
-                raise LeaseLost(claim.session_id) from exc
+                raise LeaseLost(sid) from exc
             raise
-        return bytes(last_id)
+        return int(backlog)
+
+    async def backlog(self, session_id: str) -> int:
+        """Return the output bytes of a session that are not acknowledged."""
+        out, acked = await self.redis.hmget(  # type: ignore[misc]
+            self.keys.session(session_id), ["out_bytes", "acked_bytes"]
+        )
+        return int(out or 0) - int(acked or 0)
+
+    async def ack(self, session_id: str, cursor: str) -> int:
+        """Record that a client consumed output up to ``cursor``; trim it.
+
+        Returns:
+            The backlog left, or -1 when ``cursor`` names no kept entry.
+        """
+        k = self.keys
+        left = await self._ack(
+            keys=[k.session(session_id), k.stdout(session_id)], args=[cursor]
+        )
+        return int(left)
 
     async def update(self, claim: Claim, fields: Mapping[str, str]) -> bool:
         """Write fields of the session's record while owning it.

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.client import End, FleetClient
+from scheduler.client import End, FleetClient, SlowClient
 from shared.localfleet import LocalFleet, agent_profile
 from shared.wire import STDOUT
 
@@ -69,6 +69,7 @@ PROFILES: dict[str, Any] = {
     "pids-minus-one": busybox_profile("cat /sys/fs/cgroup/pids/pids.max", pids=-1),
     "probe": busybox_profile(C07_PROBE + "; " + C07_PROBE),
     "wait-stdin": busybox_profile("cat", memory="1g"),
+    "yes": busybox_profile("yes"),
 }
 
 
@@ -107,6 +108,8 @@ async def run_session(
                     if isinstance(event, End):
                         ran.end = event.message
                         break
+                    if isinstance(event, SlowClient):
+                        continue
                     if event.channel == STDOUT:
                         ran.stdout += event.data
                     else:

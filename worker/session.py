@@ -243,13 +243,34 @@ class SessionRun:
         if not entries or self._lease_lost:
             return
         try:
-            await self.store.append(self.claim, entries, RETENTION_MS)
+            backlog = await self.store.append(self.claim, entries, RETENTION_MS)
         except LeaseLost:
             self._lose_lease()
             return
+        await self._wait_for_client(backlog)
         if not self._first_byte and any(name == b"o" for name, _ in entries):
             self._first_byte = True
             await self._update({"first_byte_ms": "now"})
+
+    async def _wait_for_client(self, backlog_bytes: int) -> None:
+        """Stop reading the agent's output while the client lags too far.
+
+        The agent then blocks on a full pipe: backpressure instead of
+        memory. A stop under way ends the wait, since Docker's kill needs
+        the output drained.
+        """
+        bound = self.settings.worker.backlog_bytes
+        if backlog_bytes <= bound or self._stop_cause is not None:
+            return
+        log.info("session.slow_client", backlog_bytes=backlog_bytes)
+        notice = [(b"slow", str(backlog_bytes).encode())]
+        await self.store.append(self.claim, notice, RETENTION_MS)
+        # Resume at half the bound, so a client reading steadily does not
+        # make the relay stop and start on every acknowledgement.
+        while backlog_bytes > bound // 2 and self._stop_cause is None:
+            await asyncio.sleep(0.05)
+            backlog_bytes = await self.store.backlog(self.session_id)
+        log.info("session.client_caught_up", backlog_bytes=backlog_bytes)
 
     async def _pump_in(self) -> None:
         """Relay the client's stdin, EOF and cancellation to the sandbox."""

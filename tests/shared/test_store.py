@@ -224,19 +224,19 @@ class TestAppend:
     """append writes output only while the caller owns the session."""
 
     async def test_owner_appends(self, store: SessionStore) -> None:
-        """Entries land in the stdout stream in order, with a TTL."""
+        """Entries land in order with their running byte count, with a TTL."""
         claim = await admitted_and_claimed(store, "s1")
 
-        last_id = await store.append(
+        backlog = await store.append(
             claim, [(b"o", b"hello\n"), (b"e", b"\xffraw")], ttl_ms=60_000
         )
 
         entries = await store.redis.xrange(KEYS.stdout("s1"))
         assert [fields for _, fields in entries] == [
-            {b"o": b"hello\n"},
-            {b"e": b"\xffraw"},
+            {b"o": b"hello\n", b"n": b"6"},
+            {b"e": b"\xffraw", b"n": b"10"},
         ]
-        assert last_id == entries[-1][0]
+        assert backlog == 10
         assert 0 < await store.redis.pttl(KEYS.stdout("s1")) <= 60_000
 
     async def test_stale_token(self, store: SessionStore) -> None:
@@ -249,6 +249,51 @@ class TestAppend:
 
         assert caught.value.session_id == "s1"
         assert await store.redis.exists(KEYS.stdout("s1")) == 0
+
+
+class TestAck:
+    """ack records what a client consumed and trims it from the stream."""
+
+    async def test_ack_trims_and_lowers_the_backlog(self, store: SessionStore) -> None:
+        """Acknowledging the second of three entries leaves one entry's bytes."""
+        claim = await admitted_and_claimed(store, "s1")
+        await store.append(
+            claim, [(b"o", b"a" * 10), (b"o", b"b" * 20), (b"e", b"c" * 5)], 60_000
+        )
+        ids = [entry_id for entry_id, _ in await store.redis.xrange(KEYS.stdout("s1"))]
+
+        left = await store.ack("s1", ids[1].decode())
+
+        assert left == 5
+        assert await store.backlog("s1") == 5
+        kept = [entry_id for entry_id, _ in await store.redis.xrange(KEYS.stdout("s1"))]
+        assert kept == ids[1:]
+
+    async def test_an_older_ack_changes_nothing(self, store: SessionStore) -> None:
+        """A late ack of an earlier cursor never raises the backlog again."""
+        claim = await admitted_and_claimed(store, "s1")
+        await store.append(claim, [(b"o", b"a" * 10), (b"o", b"b" * 20)], 60_000)
+        ids = [entry_id for entry_id, _ in await store.redis.xrange(KEYS.stdout("s1"))]
+        await store.ack("s1", ids[1].decode())
+
+        left = await store.ack("s1", ids[0].decode())
+
+        assert left in (0, -1)
+        assert await store.backlog("s1") == 0
+
+    async def test_an_unknown_cursor_is_reported(self, store: SessionStore) -> None:
+        """A cursor naming no kept entry answers -1."""
+        await admitted_and_claimed(store, "s1")
+
+        assert await store.ack("s1", "1-0") == -1
+
+    async def test_notices_do_not_count_as_output(self, store: SessionStore) -> None:
+        """A slow-client notice adds no bytes to the backlog."""
+        claim = await admitted_and_claimed(store, "s1")
+
+        await store.append(claim, [(b"o", b"x" * 7), (b"slow", b"123")], 60_000)
+
+        assert await store.backlog("s1") == 7
 
 
 class TestFinish:
@@ -294,7 +339,7 @@ class TestFinish:
         await store.finish("s1", org="acme", expect=claim.token, outcome=EXIT_7)
 
         entries = [fields for _, fields in await store.redis.xrange(KEYS.stdout("s1"))]
-        assert entries[0] == {b"o": b"done\n"}
+        assert entries[0] == {b"o": b"done\n", b"n": b"5"}
         assert len(entries) == 2
         assert json.loads(entries[1][b"end"]) == {
             "type": "end",

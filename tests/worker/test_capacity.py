@@ -13,6 +13,7 @@ import pytest
 
 from scheduler.client import End, FleetClient
 from shared.localfleet import LocalFleet, local_fleet
+from shared.wire import Output
 from tests.sandboxes import busybox_profile
 
 SESSIONS = 110
@@ -62,7 +63,8 @@ class TestManySandboxes:
                     async for event in stdio.events():
                         if isinstance(event, End):
                             return output, f"{event.cause}:{event.exit_code}"
-                        output += event.data
+                        if isinstance(event, Output):
+                            output += event.data
                 return output, "no end"
 
             results = await asyncio.gather(

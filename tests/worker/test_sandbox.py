@@ -12,9 +12,12 @@ import subprocess
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
-from scheduler.client import FleetClient
+from scheduler.client import FleetClient, SlowClient
+from shared.keys import Keys
 from shared.localfleet import LocalFleet
+from shared.wire import Output
 from tests.sandboxes import MIB, run_session
 
 pytestmark = pytest.mark.docker
@@ -36,14 +39,23 @@ def container_of(session_id: str) -> dict[str, Any]:
     return info
 
 
-def worker_peak_rss_mib(fleet: LocalFleet) -> int:
-    """The worker process' peak resident memory so far."""
+def _worker_status_mib(fleet: LocalFleet, field: str) -> int:
     pid = fleet.processes["worker"].pid
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) // 1024
-    raise AssertionError("no VmHWM in /proc status")
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def worker_peak_rss_mib(fleet: LocalFleet) -> int:
+    """The worker process' peak resident memory so far."""
+    return _worker_status_mib(fleet, "VmHWM")
+
+
+def worker_rss_mib(fleet: LocalFleet) -> int:
+    """The worker process' resident memory now."""
+    return _worker_status_mib(fleet, "VmRSS")
 
 
 async def wait_running(fleet: LocalFleet, session_id: str) -> dict[str, Any]:
@@ -95,6 +107,42 @@ class TestStdioRelay:
         assert ran.end["kill_signal"] == "SIGKILL"
         peak_mib = worker_peak_rss_mib(fleet)
         assert peak_mib < 200, f"worker peaked at {peak_mib} MiB"
+
+
+class TestBackpressure:
+    async def test_a_stalled_client_blocks_the_agent_not_the_worker(
+        self, fleet: LocalFleet
+    ) -> None:
+        """An unread client stops the agent at the backlog bound; reading
+        resumes it, and the client is told it was the slow side."""
+        bound = fleet.settings.worker.backlog_bytes
+        redis = Redis.from_url(fleet.redis_url)
+        async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+            created = await client.create_session("yes")
+            key = Keys(fleet.settings.key_prefix).session(created["id"])
+            async with client.stdio(created["id"]) as stdio:
+                await asyncio.sleep(3)
+                stalled = int(await redis.hget(key, "out_bytes") or 0)
+                await asyncio.sleep(1)
+                still = int(await redis.hget(key, "out_bytes") or 0)
+                rss_mib = worker_rss_mib(fleet)
+
+                received, told = 0, False
+                async for event in stdio.events():
+                    if isinstance(event, SlowClient):
+                        told = True
+                    elif isinstance(event, Output):
+                        received += len(event.data)
+                    if received > 2 * bound and told:
+                        break
+            await client.cancel(created["id"])
+        await redis.aclose()
+
+        assert bound <= stalled <= bound + MIB
+        assert still == stalled
+        assert rss_mib < 200
+        assert told
+        assert received > 2 * bound
 
 
 class TestExitCauses:
