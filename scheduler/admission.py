@@ -27,6 +27,7 @@ _LIMIT_NAMES = {
     "nano_cpus": "cpus",
     "pids_limit": "pids",
     "lifetime_s": "lifetime_s",
+    "idle_timeout_s": "idle_timeout_s",
 }
 _REFUSALS = {
     "org_concurrency": "The organisation runs as many sessions as it may.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from redis.exceptions import RedisError
 from scheduler.admission import Admission
 from scheduler.auth import Authenticator, Principal, require_session
 from scheduler.gateway import (
+    CLIENT_SEEN_INTERVAL_S,
     CLOSE_BAD_REQUEST,
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHORIZED,
@@ -196,7 +198,7 @@ def _routes(app: FastAPI) -> None:
         credential = token or _bearer(ws.headers.get("authorization"))
         try:
             principal = fleet.auth.principal(credential)
-            await _owned_record(fleet, principal, session_id)
+            record = await _owned_record(fleet, principal, session_id)
             start = parse_cursor(cursor)
         except Unauthorized as exc:
             await _refuse(ws, CLOSE_UNAUTHORIZED, exc.code, exc.message)
@@ -207,7 +209,8 @@ def _routes(app: FastAPI) -> None:
         except ValueError as exc:
             await _refuse(ws, CLOSE_BAD_REQUEST, "invalid_cursor", str(exc))
             return
-        await relay(ws, fleet.store, session_id, start)
+        seen_every_s = _seen_interval_s(fleet.settings, record)
+        await relay(ws, fleet.store, session_id, start, seen_every_s=seen_every_s)
 
 
 async def _owned_record(
@@ -219,6 +222,16 @@ async def _owned_record(
     require_session(principal, session_id, record.get("org") if record else None)
     assert record is not None
     return record
+
+
+def _seen_interval_s(settings: FleetSettings, record: dict[str, str]) -> float:
+    """How often to record an attached client: thrice per idle timeout."""
+    narrowed = json.loads(record.get("limits", "{}"))
+    profile = settings.profiles.get(record.get("profile", ""))
+    idle_s = narrowed.get("idle_timeout_s") or (
+        profile.limits.idle_timeout_s if profile else CLIENT_SEEN_INTERVAL_S * 3
+    )
+    return float(min(CLIENT_SEEN_INTERVAL_S, idle_s / 3))
 
 
 async def _refuse(ws: WebSocket, code: int, reason: str, message: str) -> None:

@@ -12,12 +12,17 @@ import contextlib
 import json
 
 import structlog
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from shared.store import SessionStore
 from shared.wire import encode_output, parse_cursor
 
 log = structlog.get_logger("scheduler.gateway")
+
+# How often an attached client is recorded as present at most; a session
+# with a short idle timeout is touched thrice per timeout instead.
+CLIENT_SEEN_INTERVAL_S = 5.0
 
 # Close codes in the range reserved for applications.
 CLOSE_UNAUTHORIZED = 4401
@@ -26,17 +31,26 @@ CLOSE_BAD_REQUEST = 4400
 
 
 async def relay(
-    ws: WebSocket, store: SessionStore, session_id: str, cursor: str
+    ws: WebSocket,
+    store: SessionStore,
+    session_id: str,
+    cursor: str,
+    *,
+    seen_every_s: float = CLIENT_SEEN_INTERVAL_S,
 ) -> None:
     """Relay until the session ends or the client leaves."""
     outbound = asyncio.create_task(_outbound(ws, store, session_id, cursor))
     inbound = asyncio.create_task(_inbound(ws, store, session_id))
+    attached = asyncio.create_task(_attached(store, session_id, seen_every_s))
     done, pending = await asyncio.wait(
         {outbound, inbound}, return_when=asyncio.FIRST_COMPLETED
     )
-    for task in pending:
+    for task in (*pending, attached):
         task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.gather(*pending, attached, return_exceptions=True)
+    # The last sight of the client starts the session's idle clock.
+    with contextlib.suppress(RedisError):
+        await store.touch(session_id, "client_seen_ms")
     for task in done:
         if (exc := task.exception()) is not None and not isinstance(
             exc, WebSocketDisconnect
@@ -45,6 +59,13 @@ async def relay(
     if ws.application_state == WebSocketState.CONNECTED:
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await ws.close(code=1000)
+
+
+async def _attached(store: SessionStore, session_id: str, every_s: float) -> None:
+    """Tell the worker, while the client stays, that the session is in use."""
+    while True:
+        await store.touch(session_id, "client_seen_ms")
+        await asyncio.sleep(every_s)
 
 
 async def _outbound(

@@ -190,6 +190,19 @@ local acked = tonumber(redis.call('HGET', KEYS[3], 'acked_bytes') or '0')
 return {id, total - acked}
 """
 
+# KEYS: session
+# ARGV: field
+# Stamps Redis' clock into a field of a session that still exists, so a
+# late write never re-creates an expired record without its TTL.
+TOUCH = (
+    _NOW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], now)
+return now
+"""
+)
+
 # KEYS: session, stdout
 # ARGV: cursor the client has consumed up to
 # Trims what the client has consumed and returns the backlog that remains,

@@ -197,10 +197,12 @@ def local_fleet(
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def wait_for_worker(fleet: LocalFleet, timeout_s: float = 30) -> None:
-    """Wait until the worker logs that it started."""
+def wait_for_worker(
+    fleet: LocalFleet, *, starts: int = 1, timeout_s: float = 30
+) -> None:
+    """Wait until the worker has logged its ``starts``-th start."""
     deadline = time.monotonic() + timeout_s
-    while '"worker.started"' not in fleet.log("worker"):
+    while fleet.log("worker").count('"worker.started"') < starts:
         process = fleet.processes["worker"]
         if process.poll() is not None or time.monotonic() > deadline:
             raise FleetError(

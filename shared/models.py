@@ -47,6 +47,7 @@ class LimitsRequest(BaseModel):
     cpus: float | str | None = None
     pids: int | str | None = None
     lifetime_s: int | None = Field(None, gt=0)
+    idle_timeout_s: int | None = Field(None, gt=0)
 
     def parsed(self) -> dict[str, int]:
         """Return the given limits in the units the profile stores."""
@@ -59,6 +60,8 @@ class LimitsRequest(BaseModel):
             parsed["pids_limit"] = parse_pids_limit(self.pids)
         if self.lifetime_s is not None:
             parsed["lifetime_s"] = self.lifetime_s
+        if self.idle_timeout_s is not None:
+            parsed["idle_timeout_s"] = self.idle_timeout_s
 
         return parsed
 

@@ -55,6 +55,8 @@ class Limits(_Strict):
     nano_cpus: NanoCpus = Field(alias="cpus")
     pids_limit: PidsLimit = Field(alias="pids")
     lifetime_s: int = Field(3600, gt=0, le=7 * 24 * 3600)
+    # No stdio either way and no client attached for this long ends it.
+    idle_timeout_s: int = Field(900, gt=0, le=7 * 24 * 3600)
     nofile: int = Field(4096, ge=64, le=1_048_576)
     tmp_bytes: MemoryBytes = Field(64 * 1024**2, alias="tmp_size")
     home_bytes: MemoryBytes = Field(256 * 1024**2, alias="home_size")
@@ -124,6 +126,9 @@ class WorkerConfig(_Strict):
     eof_grace_s: float = Field(5.0, gt=0, le=300)
     kill_grace_s: float = Field(2.0, gt=0, le=300)
     reconcile_interval_s: float = Field(30.0, gt=0)
+    # On SIGTERM the worker stops claiming and lets sessions run this long
+    # before it ends the rest as drained.
+    drain_grace_s: int = Field(30, ge=0, le=24 * 3600)
     # Output no client has acknowledged, per session; past it the relay
     # stops reading from the agent until the client catches up.
     backlog_bytes: int = Field(8 * 1024**2, ge=64 * 1024)

@@ -28,6 +28,7 @@ from shared.keys import (
     FINISH,
     RENEW,
     RETENTION_MS,
+    TOUCH,
     UPDATE,
     Keys,
 )
@@ -77,6 +78,7 @@ class SessionStore:
         self._update = redis.register_script(UPDATE)
         self._finish = redis.register_script(FINISH)
         self._ack = redis.register_script(ACK)
+        self._touch = redis.register_script(TOUCH)
 
     async def admit(
         self,
@@ -207,6 +209,16 @@ class SessionStore:
             self.keys.session(session_id), ["out_bytes", "acked_bytes"]
         )
         return int(out or 0) - int(acked or 0)
+
+    async def touch(self, session_id: str, field: str) -> int:
+        """Stamp Redis' clock into ``field``; returns it, or 0 if no session."""
+        now_ms = await self._touch(keys=[self.keys.session(session_id)], args=[field])
+        return int(now_ms)
+
+    async def now_ms(self) -> int:
+        """Return Redis' clock in milliseconds, the fleet's common time."""
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     async def ack(self, session_id: str, cursor: str) -> int:
         """Record that a client consumed output up to ``cursor``; trim it.

@@ -24,6 +24,9 @@ log = structlog.get_logger("worker")
 # arq's own timeout is only a backstop: each session's lifetime timer ends
 # it first, so the job may run this much longer than the longest lifetime.
 _JOB_TIMEOUT_MARGIN_S = 300
+# Long enough for every cancelled session to stop its sandbox (SIGKILL) and
+# record its end; what remains after it is healed by the next reconcile.
+_CLEANUP_WAIT_S = 30.0
 
 
 async def run_session(ctx: dict[str, Any], session_id: str) -> str:
@@ -54,6 +57,7 @@ def build_worker(settings: FleetSettings) -> Worker:
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         queue_name=keys.arq_queue,
         max_jobs=settings.worker.max_sessions,
+        job_completion_wait=settings.worker.drain_grace_s,
         job_timeout=longest_s + _JOB_TIMEOUT_MARGIN_S,
         poll_delay=settings.worker.poll_delay_ms / 1000,
         keep_result=0,
@@ -127,6 +131,10 @@ async def _reconcile_forever(reconciler: Reconciler, settings: FleetSettings) ->
 
 
 async def _stop(ctx: dict[str, Any]) -> None:
+    if "runner" in ctx:
+        # Sessions cancelled by the drain are still recording their end and
+        # removing their containers; Docker and Redis must outlive that.
+        await ctx["runner"].wait_idle(timeout_s=_CLEANUP_WAIT_S)
     task = ctx.get("reconcile_task")
     if task is not None:
         task.cancel()

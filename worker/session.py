@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ log = structlog.get_logger("worker.session")
 # After the attach stream ends, the exit state is normally known within
 # milliseconds; past this the relay reports the Engine as stuck.
 _EXIT_WAIT_S = 30.0
+# The idle timer looks at most this often; idle timeouts are minutes.
+_IDLE_CHECK_S = 5.0
 
 
 @dataclass
@@ -66,6 +69,8 @@ class SessionRunner:
         self.seccomp = seccomp
         self.images = images
         self.active: dict[str, SessionRun] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def run(self, session_id: str) -> str:
         """Run one session to its end; a session already taken is left alone."""
@@ -79,13 +84,23 @@ class SessionRunner:
                 return "refused"
             run = SessionRun(self, claim)
             self.active[session_id] = run
+            self._idle.clear()
             try:
                 with structlog.contextvars.bound_contextvars(org=claim.org):
                     outcome = await run.run()
             finally:
                 del self.active[session_id]
+                if not self.active:
+                    self._idle.set()
 
         return outcome.cause.value
+
+    async def wait_idle(self, *, timeout_s: float) -> None:
+        """Wait until no session runs here, or ``timeout_s`` has passed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        if self.active:
+            log.warning("worker.sessions_left", sessions=len(self.active))
 
 
 class SessionRun:
@@ -107,6 +122,7 @@ class SessionRun:
         self._lease_lost = False
         self._first_byte = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self._last_stdio = time.monotonic()
 
     async def run(self) -> Outcome:
         """Run the sandbox and return how the session ended."""
@@ -193,6 +209,7 @@ class SessionRun:
         self._tasks += [
             asyncio.create_task(self._pump_in(), name="stdin"),
             asyncio.create_task(self._lifetime(), name="lifetime"),
+            asyncio.create_task(self._idle(), name="idle"),
         ]
         try:
             await self._pump_out()
@@ -242,6 +259,7 @@ class SessionRun:
         entries = [(name, data) for name, data in entries if data]
         if not entries or self._lease_lost:
             return
+        self._last_stdio = time.monotonic()
         try:
             backlog = await self.store.append(self.claim, entries, RETENTION_MS)
         except LeaseLost:
@@ -295,6 +313,7 @@ class SessionRun:
                     await self._deliver_eof(guard)
                     return
                 data = fields.get(b"d", b"")
+                self._last_stdio = time.monotonic()
                 await self._write(guard.feed(data) if guard else data)
 
     async def _write(self, data: bytes) -> None:
@@ -322,6 +341,24 @@ class SessionRun:
         await self._stop(
             EndCause.LIFETIME_EXCEEDED,
             f"lifetime of {self.limits.lifetime_s} s exceeded",
+            graceful=True,
+        )
+
+    async def _idle(self) -> None:
+        """End the session once neither stdio nor a client has been seen."""
+        idle_s = self.limits.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(idle_s / 4, _IDLE_CHECK_S))
+            quiet_s = time.monotonic() - self._last_stdio
+            if quiet_s < idle_s:
+                continue
+            record = await self.store.record(self.session_id) or {}
+            seen_ms = int(record.get("client_seen_ms") or 0)
+            if await self.store.now_ms() - seen_ms >= idle_s * 1000:
+                break
+        await self._stop(
+            EndCause.IDLE_TIMEOUT,
+            f"no stdio and no client for {idle_s} s",
             graceful=True,
         )
 
