@@ -148,6 +148,11 @@ class Stdio:
             self.url,
             additional_headers={"Authorization": f"Bearer {self.credential}"},
             max_size=None,
+            # With a bounded queue a client that stops reading stops the
+            # socket too, and the gateway's close frame then waits behind
+            # unread output until the close times out. What the gateway can
+            # send is already bounded by the session's backlog.
+            max_queue=None,
         )
         return self
 

@@ -138,7 +138,7 @@ def redis_server(port: int | None = None) -> Iterator[str]:
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
-        _wait_for_port(port, process, "redis-server")
+        wait_for_port(port, process, "redis-server")
         yield url
     finally:
         process.terminate()
@@ -186,7 +186,7 @@ def local_fleet(
         )
         try:
             scheduler_process = fleet.start("scheduler", "scheduler")
-            _wait_for_port(port, scheduler_process, "scheduler", log=fleet)
+            wait_for_port(port, scheduler_process, "scheduler", log=fleet)
             if start_worker:
                 fleet.start("worker", "worker")
                 wait_for_worker(fleet)
@@ -221,7 +221,7 @@ def _maybe_redis(redis_url: str | None) -> Iterator[str]:
         yield started
 
 
-def _wait_for_port(
+def wait_for_port(
     port: int,
     process: subprocess.Popen[bytes],
     name: str,

@@ -15,9 +15,16 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from scheduler.client import FleetClient
+from scheduler.client import End, FleetClient
 from shared.keys import Keys
-from shared.localfleet import LocalFleet, local_fleet, wait_for_worker
+from shared.localfleet import (
+    LocalFleet,
+    free_port,
+    local_fleet,
+    wait_for_port,
+    wait_for_worker,
+)
+from shared.wire import Output
 from tests.sandboxes import busybox_profile
 
 LEASE_MS = 3000
@@ -33,6 +40,9 @@ def short_fleet(redis_url: str, docker_images: None) -> Iterator[LocalFleet]:
             "sleep": busybox_profile("sleep 600"),
             "stubborn": busybox_profile(STUBBORN),
             "brief": busybox_profile("sleep 1; exit 4"),
+            "lines": busybox_profile(
+                "i=1; while [ $i -le 20000 ]; do echo line $i; i=$((i+1)); done"
+            ),
         },
         redis_url=redis_url,
         orgs={
@@ -244,3 +254,44 @@ class TestDrain:
         assert long_view["cause"] == "drained"
         assert long_again == long_view
         assert containers_of(long["id"]) == []
+
+
+class TestResume:
+    async def test_reconnecting_through_another_replica_loses_and_repeats_nothing(
+        self, short_fleet: LocalFleet
+    ) -> None:
+        """20,000 lines read 1,000 at a time, alternating between two
+        scheduler replicas and resuming from the cursor, arrive once each."""
+        port = free_port()
+        second = short_fleet.start("scheduler-2", "scheduler", "--port", str(port))
+        await asyncio.to_thread(wait_for_port, port, second, "scheduler-2")
+        replicas = [short_fleet.url, f"http://127.0.0.1:{port}"]
+        async with FleetClient(short_fleet.url, short_fleet.api_key) as backend:
+            created = await backend.create_session("lines")
+
+        lines: list[bytes] = []
+        pending, cursor, end = b"", None, None
+        for turn in range(100):
+            client = FleetClient(replicas[turn % 2], created["token"])
+            async with client, client.stdio(created["id"], cursor=cursor) as stdio:
+                target = len(lines) + 1000
+                async for event in stdio.events():
+                    if isinstance(event, End):
+                        end = event
+                        break
+                    if not isinstance(event, Output):
+                        continue
+                    cursor = event.cursor
+                    *complete, pending = (pending + event.data).split(b"\n")
+                    lines += complete
+                    if len(lines) >= target:
+                        await stdio.ack(cursor)
+                        break
+            if end is not None:
+                break
+        short_fleet.stop("scheduler-2")
+
+        assert lines == [f"line {i}".encode() for i in range(1, 20_001)]
+        assert pending == b""
+        assert end is not None
+        assert (end.cause, end.exit_code) == ("agent_exit", 0)
