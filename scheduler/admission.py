@@ -145,10 +145,7 @@ def _check_env(profile: AgentProfile, env: dict[str, str]) -> None:
 
 def _narrow(profile: AgentProfile, request: CreateSession) -> dict[str, int]:
     """Return the session's limits; each may only narrow the profile's."""
-    try:
-        asked = request.limits.parsed()
-    except ValueError as exc:
-        raise InvalidRequest("invalid_limit", str(exc), field="limits") from exc
+    asked = request.limits.parsed()
     ceiling = profile.limits.model_dump()
     for name, value in asked.items():
         cap = ceiling[name]

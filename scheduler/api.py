@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.admission import Admission
 from scheduler.auth import Authenticator, Principal, require_session
@@ -25,6 +26,7 @@ from scheduler.gateway import (
     CLOSE_UNAUTHORIZED,
     relay,
 )
+from scheduler.limits import BodyLimit
 from shared.errors import (
     AdmissionRefused,
     InvalidRequest,
@@ -36,7 +38,10 @@ from shared.keys import Keys
 from shared.models import (
     CreateSession,
     EndCause,
+    FleetView,
+    NodeView,
     Outcome,
+    QueueView,
     SessionCreated,
     SessionState,
     SessionView,
@@ -48,6 +53,13 @@ from shared.wire import parse_cursor
 
 log = structlog.get_logger("scheduler.api")
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+_NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
 class Fleet:
@@ -105,7 +117,11 @@ def create_app(settings: FleetSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        loc = first.get("loc", ())
+        # A JSON syntax error's location is a character offset, not a field.
+        if first.get("type") == "json_invalid":
+            loc = ()
+        field = ".".join(str(p) for p in loc if p != "body")
         message = f"{field or 'body'}: {first.get('msg', 'invalid request')}"
         return _error(InvalidRequest("invalid_request", message, field=field or None))
 
@@ -117,7 +133,15 @@ def create_app(settings: FleetSettings) -> FastAPI:
             {"error": body}, status_code=503, headers={"Retry-After": "1"}
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing and body-parsing errors speak the API's error format too.
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        body = {"code": code, "message": str(exc.detail)}
+        return JSONResponse({"error": body}, status_code=exc.status_code)
+
     _routes(app)
+    app.add_middleware(BodyLimit)
     return app
 
 
@@ -168,11 +192,40 @@ def _routes(app: FastAPI) -> None:
                 session_id, org=record["org"], expect="queued", outcome=outcome
             )
         elif state is not SessionState.ENDED:
+            await fleet.store.touch(session_id, "cancel_requested_ms")
             await fleet.store.write_stdin(session_id, "cancel")
             view = session_view(session_id, record)
             return JSONResponse(view.model_dump(mode="json"), status_code=202)
         record = await fleet.store.record(session_id) or record
         return session_view(session_id, record)
+
+    @app.get("/v1/fleet", response_model=FleetView)
+    async def fleet_view(
+        fleet: FleetDep, authorization: AuthHeader = None
+    ) -> FleetView:
+        """Nodes (heartbeat age, capacity, sessions, drain state) and the queue."""
+        fleet.auth.operator_for_key(_bearer(authorization))
+        return await _fleet_view(fleet)
+
+    @app.post("/v1/nodes/{node}/drain", status_code=202, response_model=FleetView)
+    async def drain_node(
+        node: str, fleet: FleetDep, authorization: AuthHeader = None
+    ) -> FleetView:
+        """Ask a node to stop claiming sessions; running ones finish."""
+        operator = fleet.auth.operator_for_key(_bearer(authorization))
+        await fleet.store.set_drain(_known_node(node), drain=True)
+        log.info("node.drain_requested", node=node, operator=operator)
+        return await _fleet_view(fleet)
+
+    @app.delete("/v1/nodes/{node}/drain", response_model=FleetView)
+    async def undrain_node(
+        node: str, fleet: FleetDep, authorization: AuthHeader = None
+    ) -> FleetView:
+        """Let a drained node claim sessions again."""
+        operator = fleet.auth.operator_for_key(_bearer(authorization))
+        await fleet.store.set_drain(_known_node(node), drain=False)
+        log.info("node.drain_withdrawn", node=node, operator=operator)
+        return await _fleet_view(fleet)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -222,6 +275,36 @@ async def _owned_record(
     require_session(principal, session_id, record.get("org") if record else None)
     assert record is not None
     return record
+
+
+def _known_node(node: str) -> str:
+    if not _NODE_NAME.fullmatch(node):
+        raise InvalidRequest(
+            "invalid_node", f"{node!r} is not a node name.", field="node"
+        )
+    return node
+
+
+async def _fleet_view(fleet: Fleet) -> FleetView:
+    now_ms = await fleet.store.now_ms()
+    drains = fleet.store.keys
+    nodes = []
+    for record in await fleet.store.nodes():
+        requested = await fleet.store.redis.exists(drains.node_drain(record["node"]))
+        nodes.append(
+            NodeView(
+                node=record["node"],
+                heartbeat_age_ms=now_ms - int(record["heartbeat_ms"]),
+                capacity=int(record.get("capacity", 0)),
+                sessions=int(record.get("sessions", 0)),
+                draining=record.get("draining") == "1",
+                drain_requested=bool(requested),
+                started_ms=int(record.get("started_ms", 0)),
+            )
+        )
+    depth, oldest_ms = await fleet.store.queue_stats()
+    wait_ms = None if oldest_ms is None else now_ms - oldest_ms
+    return FleetView(nodes=nodes, queue=QueueView(depth=depth, oldest_wait_ms=wait_ms))
 
 
 def _seen_interval_s(settings: FleetSettings, record: dict[str, str]) -> float:

@@ -47,6 +47,9 @@ class Authenticator:
         self._orgs_by_digest = {
             org.key_sha256: name for name, org in settings.orgs.items()
         }
+        self._operators_by_digest = {
+            op.key_sha256: name for name, op in settings.operators.items()
+        }
         self._secret = settings.token_secret.get_secret_value()
         self.token_ttl_s = settings.scheduler.token_ttl_s
 
@@ -65,6 +68,21 @@ class Authenticator:
             )
         return org
 
+    def operator_for_key(self, api_key: str | None) -> str:
+        """Return the operator of an API key.
+
+        Raises:
+            Unauthorized: the key is missing or is no operator's.
+        """
+        name = self._operators_by_digest.get(key_digest(api_key)) if api_key else None
+        if name is None:
+            raise Unauthorized(
+                "operator_required",
+                "This call needs an operator key; send it as "
+                "'Authorization: Bearer <key>'.",
+            )
+        return name
+
     def principal(self, credential: str | None) -> Principal:
         """Return who presents ``credential``: an org key or a session token."""
         if credential and credential.count(".") == 2:
@@ -80,7 +98,11 @@ class Authenticator:
     def _token_principal(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
-                token, self._secret, algorithms=[_ALGORITHM], audience=_AUDIENCE
+                token,
+                self._secret,
+                algorithms=[_ALGORITHM],
+                audience=_AUDIENCE,
+                options={"require": ["exp", "sub", "org", "aud"]},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized(

@@ -24,6 +24,9 @@ log = structlog.get_logger("scheduler.gateway")
 # with a short idle timeout is touched thrice per timeout instead.
 CLIENT_SEEN_INTERVAL_S = 5.0
 
+# How soon a refused stdin write is tried again while the worker catches up.
+STDIN_RETRY_S = 0.02
+
 # Close codes in the range reserved for applications.
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_NOT_FOUND = 4404
@@ -95,9 +98,25 @@ async def _inbound(ws: WebSocket, store: SessionStore, session_id: str) -> None:
         if message["type"] == "websocket.disconnect":
             return
         if message.get("bytes"):
-            await store.write_stdin(session_id, "d", message["bytes"])
+            await _stdin(ws, store, session_id, message["bytes"])
         elif message.get("text") is not None:
             await _control(ws, store, session_id, message["text"])
+
+
+async def _stdin(
+    ws: WebSocket, store: SessionStore, session_id: str, data: bytes
+) -> None:
+    # While the worker lags, this client's socket is not read: the client
+    # feels the backpressure and Redis holds a bounded backlog.
+    # The worker announces nothing when it catches up: the write is retried.
+    pending = await store.write_stdin(session_id, "d", data)
+    while pending == -2:
+        await asyncio.sleep(STDIN_RETRY_S)
+        pending = await store.write_stdin(session_id, "d", data)
+    if pending == -1:
+        await _refuse_message(
+            ws, "session_ended", "The session has ended; its agent reads no stdin."
+        )
 
 
 async def _control(

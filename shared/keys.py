@@ -69,6 +69,19 @@ class Keys:
         """Counter: fencing tokens, strictly increasing across the fleet."""
         return f"{self.prefix}:fence"
 
+    def node(self, node: str) -> str:
+        """Hash: a worker's heartbeat, capacity, sessions and drain state."""
+        return f"{self.prefix}:node:{node}"
+
+    def node_drain(self, node: str) -> str:
+        """String: present while operators want the node drained."""
+        return f"{self.prefix}:node:{node}:drain"
+
+    @property
+    def nodes(self) -> str:
+        """Sorted set: every node by its last heartbeat."""
+        return f"{self.prefix}:nodes"
+
     @property
     def arq_queue(self) -> str:
         """The arq queue that carries session jobs."""
@@ -150,9 +163,10 @@ return {'ok', token, env}
 """
 )
 
-# KEYS: lease, org_slots, running
+# KEYS: lease, org_slots, running, session
 # ARGV: lease_token, lease_ms, session_id
-# Returns 1 while the caller owns the session, 0 once it does not.
+# Returns 1 while the caller owns the session, 2 when it owns it and a
+# client asked to cancel it, 0 once it does not own it.
 RENEW = (
     _NOW
     + _EXPIRE_AT_LAST
@@ -163,6 +177,7 @@ redis.call('PEXPIRE', KEYS[1], lease_ms)
 redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[3])
 expire_at_last(KEYS[2])
 redis.call('ZADD', KEYS[3], now + lease_ms, ARGV[3])
+if redis.call('HEXISTS', KEYS[4], 'cancel_requested_ms') == 1 then return 2 end
 return 1
 """
 )
@@ -188,6 +203,35 @@ end
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
 local acked = tonumber(redis.call('HGET', KEYS[3], 'acked_bytes') or '0')
 return {id, total - acked}
+"""
+
+# KEYS: session, stdin
+# ARGV: field, value, max_pending_bytes, stream_ttl_ms
+# Appends client-to-agent data while the session has not ended and the
+# worker has not fallen more than max_pending_bytes behind.
+# Returns the bytes now pending, -1 when the session has ended (or never
+# existed), -2 when the pending bytes are at their bound.
+STDIN = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'ended' then return -1 end
+local pending = tonumber(redis.call('HGET', KEYS[1], 'in_pending_bytes') or '0')
+if ARGV[1] == 'd' and pending + #ARGV[2] > tonumber(ARGV[3]) and pending > 0 then
+  return -2
+end
+redis.call('XADD', KEYS[2], '*', ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
+if ARGV[1] == 'd' then
+  return redis.call('HINCRBY', KEYS[1], 'in_pending_bytes', #ARGV[2])
+end
+return pending
+"""
+
+# KEYS: session, stdin
+# ARGV: last consumed entry id, consumed bytes
+# The worker wrote these entries to the agent: they leave the stream.
+STDIN_CONSUMED = """
+redis.call('XTRIM', KEYS[2], 'MINID', ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'in_pending_bytes', -tonumber(ARGV[2]))
 """
 
 # KEYS: session

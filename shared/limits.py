@@ -80,6 +80,8 @@ def parse_pids_limit(value: object) -> int:
     "unchanged" on others, so an operator must say ``unlimited``.
     """
     forms = "a positive whole number of processes, or 'unlimited' (or -1)"
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a pids limit; expected {forms}")
     if isinstance(value, str) and value.strip().lower() == "unlimited":
         return UNLIMITED_PIDS
     if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):

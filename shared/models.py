@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.errors import InvalidRequest
 from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
 
 
@@ -50,18 +51,31 @@ class LimitsRequest(BaseModel):
     idle_timeout_s: int | None = Field(None, gt=0)
 
     def parsed(self) -> dict[str, int]:
-        """Return the given limits in the units the profile stores."""
+        """Return the given limits in the units the profile stores.
+
+        Raises:
+            InvalidRequest: a limit is outside its grammar; names the field.
+        """
+        parsers = {
+            "memory": ("memory_bytes", parse_memory_bytes),
+            "cpus": ("nano_cpus", parse_nano_cpus),
+            "pids": ("pids_limit", parse_pids_limit),
+        }
         parsed: dict[str, int] = {}
-        if self.memory is not None:
-            parsed["memory_bytes"] = parse_memory_bytes(self.memory)
-        if self.cpus is not None:
-            parsed["nano_cpus"] = parse_nano_cpus(self.cpus)
-        if self.pids is not None:
-            parsed["pids_limit"] = parse_pids_limit(self.pids)
-        if self.lifetime_s is not None:
-            parsed["lifetime_s"] = self.lifetime_s
-        if self.idle_timeout_s is not None:
-            parsed["idle_timeout_s"] = self.idle_timeout_s
+        for name, (stored_as, parse) in parsers.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                parsed[stored_as] = parse(value)
+            except ValueError as exc:
+                field = f"limits.{name}"
+                raise InvalidRequest(
+                    "invalid_limit", f"{field}: {exc}", field=field
+                ) from exc
+        for name in ("lifetime_s", "idle_timeout_s"):
+            if (seconds := getattr(self, name)) is not None:
+                parsed[name] = seconds
 
         return parsed
 
@@ -72,7 +86,10 @@ class CreateSession(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     profile: str = Field(min_length=1, max_length=63)
-    env: dict[str, str] = Field(default_factory=dict, max_length=64)
+    env: dict[
+        Annotated[str, Field(max_length=256)],
+        Annotated[str, Field(max_length=32 * 1024)],
+    ] = Field(default_factory=dict, max_length=64)
     limits: LimitsRequest = Field(default_factory=LimitsRequest)
 
 
@@ -139,6 +156,32 @@ def session_view(session_id: str, record: dict[str, str]) -> SessionView:
         limits=json.loads(record.get("limits", "{}")),
         timings=timings,
     )
+
+
+class NodeView(BaseModel):
+    """One worker node as operators see it."""
+
+    node: str
+    heartbeat_age_ms: int
+    capacity: int
+    sessions: int
+    draining: bool
+    drain_requested: bool
+    started_ms: int
+
+
+class QueueView(BaseModel):
+    """The shared queue: how deep, and how long its oldest entry has waited."""
+
+    depth: int
+    oldest_wait_ms: int | None
+
+
+class FleetView(BaseModel):
+    """What ``GET /v1/fleet`` answers."""
+
+    nodes: list[NodeView]
+    queue: QueueView
 
 
 class Outcome(BaseModel):

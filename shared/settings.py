@@ -102,6 +102,12 @@ class OrgConfig(_Strict):
     sessions_per_minute: int = Field(ge=1, le=1_000_000)
 
 
+class OperatorConfig(_Strict):
+    """An operator: may list nodes and the queue, and drain nodes."""
+
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class SchedulerConfig(_Strict):
     """The HTTP API and stdio gateway."""
 
@@ -138,8 +144,9 @@ class WorkerConfig(_Strict):
         # Three heartbeats per lease let one be late without losing the lease.
         if self.heartbeat_ms * 3 > self.lease_ms:
             raise ValueError(
-                "heartbeat_ms must be at most a third of lease_ms so that one "
-                "late heartbeat does not lose the lease"
+                f"heartbeat_ms ({self.heartbeat_ms}) must be at most a third of "
+                f"lease_ms ({self.lease_ms}) so that one late heartbeat does not "
+                "lose the lease"
             )
         return self
 
@@ -166,6 +173,7 @@ class FleetSettings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     orgs: dict[str, OrgConfig] = Field(default_factory=dict)
+    operators: dict[str, OperatorConfig] = Field(default_factory=dict)
     profiles: dict[str, AgentProfile] = Field(default_factory=dict)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
@@ -179,7 +187,7 @@ class FleetSettings(BaseSettings):
             )
         return version
 
-    @field_validator("orgs", "profiles")
+    @field_validator("orgs", "operators", "profiles")
     @classmethod
     def _names(cls, table: dict[str, Any]) -> dict[str, Any]:
         for name in table:
@@ -219,7 +227,10 @@ def load_settings(path: str | Path | None = None) -> FleetSettings:
     try:
         return FleetSettings(**data)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, source=str(path))) from exc
+        source = str(path) if path else "the environment"
+        if path:
+            source += " (and ACP_FLEET_* variables)"
+        raise ConfigError(describe_validation_error(exc, source=source)) from exc
     except SettingsError as exc:
         # A nested field given as malformed JSON in the environment.
         raise ConfigError(f"invalid settings in the environment: {exc}") from exc

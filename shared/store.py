@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 from redis.asyncio import Redis
@@ -28,6 +29,8 @@ from shared.keys import (
     FINISH,
     RENEW,
     RETENTION_MS,
+    STDIN,
+    STDIN_CONSUMED,
     TOUCH,
     UPDATE,
     Keys,
@@ -39,8 +42,19 @@ StreamEntry = tuple[bytes, dict[bytes, bytes]]
 # A blocking read is cut into slices this much shorter than the client's
 # socket timeout, so the reply always lands before the socket gives up.
 _SOCKET_MARGIN_S = 1.0
+# Client-to-agent bytes a worker may fall behind by; past it the gateway
+# stops reading the client's socket until the agent has read its stdin.
+STDIN_PENDING_BYTES = 8 * 1024**2
 # Redis treats BLOCK 0 as "forever"; one slice of a forever read is this long.
 _FOREVER_SLICE_MS = 60_000
+
+
+class Renewal(IntEnum):
+    """What a lease renewal found."""
+
+    LOST = 0
+    KEPT = 1
+    CANCEL_REQUESTED = 2
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,8 @@ class SessionStore:
         self._finish = redis.register_script(FINISH)
         self._ack = redis.register_script(ACK)
         self._touch = redis.register_script(TOUCH)
+        self._stdin = redis.register_script(STDIN)
+        self._stdin_consumed = redis.register_script(STDIN_CONSUMED)
 
     async def admit(
         self,
@@ -168,14 +184,15 @@ class SessionStore:
             env=dict(zip(flat[::2], flat[1::2], strict=True)),
         )
 
-    async def renew(self, claim: Claim, lease_ms: int) -> bool:
-        """Extend the lease and the quota slot; False once ownership is gone."""
+    async def renew(self, claim: Claim, lease_ms: int) -> Renewal:
+        """Extend the lease and the quota slot, and learn of cancellation."""
         k = self.keys
-        kept = await self._renew(
-            keys=[k.lease(claim.session_id), k.org_slots(claim.org), k.running],
-            args=[claim.token, lease_ms, claim.session_id],
+        sid = claim.session_id
+        reply = await self._renew(
+            keys=[k.lease(sid), k.org_slots(claim.org), k.running, k.session(sid)],
+            args=[claim.token, lease_ms, sid],
         )
-        return bool(kept)
+        return Renewal(int(reply))
 
     async def append(
         self, claim: Claim, entries: Sequence[tuple[bytes, bytes]], ttl_ms: int
@@ -292,15 +309,32 @@ class SessionStore:
         session_id: str,
         field: str,
         value: bytes = b"",
-        ttl_ms: int = RETENTION_MS,
-    ) -> bytes:
-        """Append client-to-agent data (``d``), ``eof`` or ``cancel``."""
-        key = self.keys.stdin(session_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, {field: value})
-            pipe.pexpire(key, ttl_ms)
-            entry_id, _ = await pipe.execute()
-        return bytes(entry_id)
+        *,
+        max_pending_bytes: int = STDIN_PENDING_BYTES,
+    ) -> int:
+        """Append client-to-agent data (``d``), ``eof`` or ``cancel``.
+
+        Returns:
+            The stdin bytes the worker has not consumed yet; -1 when the
+            session has ended; -2 when that backlog is full and nothing was
+            written (try again once the worker has caught up).
+        """
+        k = self.keys
+        reply = await self._stdin(
+            keys=[k.session(session_id), k.stdin(session_id)],
+            args=[field, value, max_pending_bytes, RETENTION_MS],
+        )
+        return int(reply)
+
+    async def consumed_stdin(
+        self, session_id: str, entry_id: bytes, consumed_bytes: int
+    ) -> None:
+        """Drop stdin entries up to ``entry_id`` once written to the agent."""
+        k = self.keys
+        await self._stdin_consumed(
+            keys=[k.session(session_id), k.stdin(session_id)],
+            args=[entry_id, consumed_bytes],
+        )
 
     async def read_stream(
         self, key: str, cursor: bytes | str, *, block_ms: int, count: int = 512
@@ -330,6 +364,51 @@ class SessionStore:
         if timeout_s is None:
             return _FOREVER_SLICE_MS
         return max(100, int((float(timeout_s) - _SOCKET_MARGIN_S) * 1000))
+
+    async def beat_node(
+        self, node: str, fields: Mapping[str, str], ttl_ms: int
+    ) -> bool:
+        """Record a worker's heartbeat; returns whether operators want it drained."""
+        k = self.keys
+        now_ms = await self.now_ms()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(k.node(node), mapping={**fields, "heartbeat_ms": str(now_ms)})
+            pipe.pexpire(k.node(node), ttl_ms)
+            pipe.zadd(k.nodes, {node: now_ms})
+            pipe.zremrangebyscore(k.nodes, "-inf", now_ms - ttl_ms)
+            pipe.exists(k.node_drain(node))
+            *_, drain = await pipe.execute()
+        return bool(drain)
+
+    async def nodes(self) -> list[dict[str, str]]:
+        """Return each node's last heartbeat record, most recent first."""
+        names = await self.redis.zrevrange(self.keys.nodes, 0, -1)
+        records = []
+        for raw in names:
+            node = _text(raw)
+            record = await self.redis.hgetall(self.keys.node(node))  # type: ignore[misc]
+            if record:
+                records.append(
+                    {"node": node, **{_text(k): _text(v) for k, v in record.items()}}
+                )
+        return records
+
+    async def queue_stats(self) -> tuple[int, int | None]:
+        """Return the queue's depth and its oldest entry's admission time."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.queued)
+            pipe.zrange(self.keys.queued, 0, 0, withscores=True)
+            depth, oldest = await pipe.execute()
+        return int(depth), (int(oldest[0][1]) if oldest else None)
+
+    async def set_drain(self, node: str, *, drain: bool) -> None:
+        """Ask a node to stop claiming sessions, or to resume; the request
+        stands until an operator withdraws it."""
+        key = self.keys.node_drain(node)
+        if drain:
+            await self.redis.set(key, "1")
+        else:
+            await self.redis.delete(key)
 
     async def close(self) -> None:
         """Close both clients."""

@@ -14,13 +14,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from shared.errors import RelayError
+
 
 class AcpGuard:
     """Rewrite the client's requests line by line on their way to the agent."""
 
-    def __init__(self, *, workdir: str, allow_fs: bool) -> None:
+    def __init__(
+        self, *, workdir: str, allow_fs: bool, max_line_bytes: int = 16 * 1024**2
+    ) -> None:
         self.workdir = workdir
         self.allow_fs = allow_fs
+        self.max_line_bytes = max_line_bytes
         self._pending = bytearray()
 
     def feed(self, data: bytes) -> bytes:
@@ -28,6 +33,11 @@ class AcpGuard:
         cut = data.rfind(b"\n")
         if cut < 0:
             self._pending += data
+            if len(self._pending) > self.max_line_bytes:
+                raise RelayError(
+                    f"a stdin line exceeds {self.max_line_bytes} bytes; "
+                    "the session ends"
+                )
             return b""
         lines = bytes(self._pending) + data[: cut + 1]
         self._pending = bytearray(data[cut + 1 :])
@@ -51,6 +61,12 @@ class AcpGuard:
             message = json.loads(line)
         except ValueError:
             return line
+        except RecursionError:
+            # The agent's parser may read what ours cannot; passing the line
+            # unguarded could hand it capabilities it must not get.
+            raise RelayError(
+                "a stdin line is nested too deeply to check; the session ends"
+            ) from None
         if not isinstance(message, dict) or not isinstance(message.get("params"), dict):
             return line
         method = message.get("method")

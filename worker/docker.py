@@ -8,7 +8,6 @@ aiodocker error is turned into ``SandboxError`` here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,11 +157,14 @@ class AttachedStdio:
         if self._writer.can_write_eof() and not self._writer.is_closing():
             self._writer.write_eof()
 
-    async def close(self) -> None:
-        """Close both directions."""
-        self._writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
-            await self._writer.wait_closed()
+    def abort(self) -> None:
+        """Drop the connection and any stdin not yet written.
+
+        A graceful close would wait to flush stdin to an agent that may
+        never read it again; by the time a run ends there is no one to
+        deliver it to.
+        """
+        self._writer.transport.abort()
 
 
 class DockerRuntime:

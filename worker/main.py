@@ -10,6 +10,7 @@ import structlog
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from shared.keys import Keys
 from shared.logs import configure_logging
@@ -27,6 +28,7 @@ _JOB_TIMEOUT_MARGIN_S = 300
 # Long enough for every cancelled session to stop its sandbox (SIGKILL) and
 # record its end; what remains after it is healed by the next reconcile.
 _CLEANUP_WAIT_S = 30.0
+_NODE_TTL_LEASES = 10
 
 
 async def run_session(ctx: dict[str, Any], session_id: str) -> str:
@@ -44,11 +46,14 @@ def build_worker(settings: FleetSettings) -> Worker:
 
     async def startup(ctx: dict[str, Any]) -> None:
         await _start(ctx, settings, keys)
+        ctx["node_task"] = asyncio.create_task(
+            _beat_forever(ctx, settings, worker), name="node-heartbeat"
+        )
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await _stop(ctx)
 
-    return Worker(
+    worker = Worker(
         functions=[
             # One try only: a session must never start twice, and a job
             # that arq retries finds its session already claimed.
@@ -65,6 +70,7 @@ def build_worker(settings: FleetSettings) -> Worker:
         on_shutdown=shutdown,
         handle_signals=True,
     )
+    return worker
 
 
 async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> None:
@@ -130,16 +136,51 @@ async def _reconcile_forever(reconciler: Reconciler, settings: FleetSettings) ->
             log.exception("reconcile.failed")
 
 
+async def _beat_forever(
+    ctx: dict[str, Any], settings: FleetSettings, worker: Worker
+) -> None:
+    """Publish this node's state; follow operators' drain requests."""
+    runner: SessionRunner = ctx["runner"]
+    node = settings.worker.node
+    started_ms = await runner.store.now_ms()
+    # A node record outlives a few missed heartbeats, so operators see a
+    # dead node's age before it drops out of the listing.
+    ttl_ms = settings.worker.lease_ms * _NODE_TTL_LEASES
+    drained_by_operator = False
+    while True:
+        fields = {
+            "capacity": str(settings.worker.max_sessions),
+            "sessions": str(len(runner.active)),
+            "started_ms": str(started_ms),
+            "draining": str(int(not worker.allow_pick_jobs)),
+        }
+        try:
+            drain = await runner.store.beat_node(node, fields, ttl_ms)
+        except RedisError:
+            log.warning("node.heartbeat_failed", exc_info=True)
+            drain = drained_by_operator
+        # Only a drain this task started is undone here: arq clears the same
+        # flag when a signal stops the worker, and that must stand.
+        if drain and not drained_by_operator:
+            log.info("worker.draining")
+            worker.allow_pick_jobs, drained_by_operator = False, True
+        elif not drain and drained_by_operator:
+            log.info("worker.resumed")
+            worker.allow_pick_jobs, drained_by_operator = True, False
+        await asyncio.sleep(settings.worker.heartbeat_ms / 1000)
+
+
 async def _stop(ctx: dict[str, Any]) -> None:
     if "runner" in ctx:
         # Sessions cancelled by the drain are still recording their end and
         # removing their containers; Docker and Redis must outlive that.
         await ctx["runner"].wait_idle(timeout_s=_CLEANUP_WAIT_S)
-    task = ctx.get("reconcile_task")
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for name in ("reconcile_task", "node_task"):
+        task = ctx.get(name)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if "runtime" in ctx:
         await ctx["runtime"].close()
         await ctx["blocking"].aclose()

@@ -19,11 +19,11 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
-from shared.errors import FrameError, LeaseLost, SandboxError
+from shared.errors import FrameError, LeaseLost, RelayError, SandboxError
 from shared.keys import RETENTION_MS
 from shared.models import EndCause, Outcome
 from shared.settings import FleetSettings
-from shared.store import Claim, SessionStore
+from shared.store import Claim, Renewal, SessionStore
 from worker.acp import AcpGuard
 from worker.docker import (
     AttachedStdio,
@@ -156,6 +156,18 @@ class SessionRun:
 
         return self._outcome(exit_state)
 
+    async def _supervised(self, coro: Awaitable[None], name: str) -> None:
+        """Run a helper of the relay; its failure ends the session, loudly."""
+        try:
+            await coro
+        except RelayError as exc:
+            log.warning("session.relay_refused", task=name, error=str(exc))
+            await self._stop(EndCause.RELAY_FAILED, str(exc), graceful=False)
+        except Exception as exc:
+            log.exception("session.task_failed", task=name)
+            detail = f"{name} failed: {type(exc).__name__}"
+            await self._stop(EndCause.RELAY_FAILED, detail, graceful=False)
+
     async def _cancel_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
@@ -207,9 +219,9 @@ class SessionRun:
         """Carry stdio both ways until the sandbox stops; return its exit."""
         assert self.container_id is not None
         self._tasks += [
-            asyncio.create_task(self._pump_in(), name="stdin"),
-            asyncio.create_task(self._lifetime(), name="lifetime"),
-            asyncio.create_task(self._idle(), name="idle"),
+            asyncio.create_task(self._supervised(self._pump_in(), "stdin")),
+            asyncio.create_task(self._supervised(self._lifetime(), "lifetime")),
+            asyncio.create_task(self._supervised(self._idle(), "idle")),
         ]
         try:
             await self._pump_out()
@@ -296,12 +308,15 @@ class SessionRun:
         guard = None
         if self.profile.protocol == "acp":
             guard = AcpGuard(
-                workdir=self.profile.workdir, allow_fs=self.profile.allow_fs
+                workdir=self.profile.workdir,
+                allow_fs=self.profile.allow_fs,
+                max_line_bytes=self.profile.max_line_bytes,
             )
         key = self.store.keys.stdin(self.session_id)
         cursor = b"0-0"
         while True:
             entries = await self.store.read_stream(key, cursor, block_ms=0)
+            consumed = 0
             for entry_id, fields in entries:
                 cursor = entry_id
                 if b"cancel" in fields:
@@ -315,6 +330,8 @@ class SessionRun:
                 data = fields.get(b"d", b"")
                 self._last_stdio = time.monotonic()
                 await self._write(guard.feed(data) if guard else data)
+                consumed += len(data)
+            await self.store.consumed_stdin(self.session_id, cursor, consumed)
 
     async def _write(self, data: bytes) -> None:
         assert self.stdio is not None
@@ -368,13 +385,17 @@ class SessionRun:
         while True:
             await asyncio.sleep(worker.heartbeat_ms / 1000)
             try:
-                kept = await self.store.renew(self.claim, worker.lease_ms)
+                renewal = await self.store.renew(self.claim, worker.lease_ms)
             except RedisError:
                 log.warning("session.heartbeat_failed", exc_info=True)
                 continue
-            if not kept:
+            if renewal is Renewal.LOST:
                 self._lose_lease()
                 return
+            if renewal is Renewal.CANCEL_REQUESTED:
+                # The stdin stream carries cancel fast, but behind stdin the
+                # agent is not reading; the record reaches the worker anyway.
+                self._stop_soon(EndCause.CANCELLED, "cancelled by client")
 
     def _lose_lease(self) -> None:
         if self._lease_lost:
@@ -439,7 +460,7 @@ class SessionRun:
 
     async def _cleanup(self, outcome: Outcome) -> None:
         if self.stdio is not None:
-            await self.stdio.close()
+            self.stdio.abort()
         if self.container_id is not None:
             try:
                 await self.runtime.remove(self.container_id)

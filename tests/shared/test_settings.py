@@ -203,7 +203,10 @@ class TestLoadSettings:
 
         message = load_error(path)
 
-        assert "  worker: heartbeat_ms must be at most a third of lease_ms" in message
+        assert (
+            "  worker: heartbeat_ms (3334) must be at most a third of lease_ms (10000)"
+            in message
+        )
 
     def test_heartbeat_at_third_of_lease(self, tmp_path: Path) -> None:
         """heartbeat_ms just within a third of lease_ms is accepted."""

@@ -12,7 +12,7 @@ from fakeredis.aioredis import FakeRedis
 from shared.errors import LeaseLost
 from shared.keys import RATE_WINDOW_MS, RETENTION_MS, Keys
 from shared.models import EndCause, Outcome
-from shared.store import Admission, Claim, SessionStore
+from shared.store import Admission, Claim, Renewal, SessionStore
 
 KEYS = Keys("t")
 SLOT_TTL_MS = 600_000
@@ -208,7 +208,7 @@ class TestRenew:
         """The owner's token renews the lease."""
         claim = await admitted_and_claimed(store, "s1")
 
-        assert await store.renew(claim, LEASE_MS * 2) is True
+        assert await store.renew(claim, LEASE_MS * 2) is Renewal.KEPT
         assert LEASE_MS < await store.redis.pttl(KEYS.lease("s1")) <= LEASE_MS * 2
 
     async def test_wrong_token(self, store: SessionStore) -> None:
@@ -216,7 +216,14 @@ class TestRenew:
         claim = await admitted_and_claimed(store, "s1")
         stale = Claim("s1", "acme", "node-9/99", claim.record, {})
 
-        assert await store.renew(stale, LEASE_MS) is False
+        assert await store.renew(stale, LEASE_MS) is Renewal.LOST
+
+    async def test_renewal_reports_a_cancel_request(self, store: SessionStore) -> None:
+        """Once a client asks to cancel, the owner's renewal says so."""
+        claim = await admitted_and_claimed(store, "s1")
+        await store.touch("s1", "cancel_requested_ms")
+
+        assert await store.renew(claim, LEASE_MS) is Renewal.CANCEL_REQUESTED
         assert await store.redis.get(KEYS.lease("s1")) == b"node-1/1"
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from shared.errors import RelayError
 from worker.acp import AcpGuard
 
 WORKDIR = "/workspace"
@@ -178,3 +179,21 @@ class TestAcpGuard:
         guarded = json.loads(guard.feed(line))
 
         assert guarded["params"]["cwd"] == WORKDIR
+
+
+class TestGuardRefusals:
+    def test_a_line_too_deep_to_parse_is_refused_not_passed(self) -> None:
+        """A line nested beyond the parser's depth raises instead of slipping by."""
+        guard = AcpGuard(workdir="/workspace", allow_fs=False)
+        line = b'{"method":"initialize","params":' + b"[" * 100_000 + b"]" * 100_000
+
+        with pytest.raises(RelayError):
+            guard.feed(line + b"}\n")
+
+    def test_an_endless_line_is_refused_at_the_cap(self) -> None:
+        """Stdin without a newline past the cap raises instead of piling up."""
+        guard = AcpGuard(workdir="/workspace", allow_fs=False, max_line_bytes=4096)
+        guard.feed(b"x" * 4000)
+
+        with pytest.raises(RelayError):
+            guard.feed(b"x" * 100)
