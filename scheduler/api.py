@@ -253,6 +253,7 @@ def _routes(app: FastAPI) -> None:
             principal = fleet.auth.principal(credential)
             record = await _owned_record(fleet, principal, session_id)
             start = parse_cursor(cursor)
+            await _check_cursor(fleet.store, session_id, start)
         except Unauthorized as exc:
             await _refuse(ws, CLOSE_UNAUTHORIZED, exc.code, exc.message)
             return
@@ -275,6 +276,20 @@ async def _owned_record(
     require_session(principal, session_id, record.get("org") if record else None)
     assert record is not None
     return record
+
+
+async def _check_cursor(store: SessionStore, session_id: str, cursor: str) -> None:
+    """Refuse a cursor past the last output, which would wait forever."""
+    if cursor == "0-0":
+        return
+    last = await store.last_id(store.keys.stdout(session_id))
+    if last is None or _id_key(cursor) > _id_key(last):
+        raise ValueError(f"cursor {cursor} is past the session's last output")
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq or 0)
 
 
 def _known_node(node: str) -> str:

@@ -22,6 +22,15 @@ from shared.wire import Output, decode_output
 ACK_EVERY_BYTES = 256 * 1024
 
 
+# The HTTP status each refusal on the stdio WebSocket corresponds to.
+_WS_REFUSALS = {
+    "invalid_credentials": 401,
+    "invalid_token": 401,
+    "token_expired": 401,
+    "session_not_found": 404,
+}
+
+
 class ApiError(Exception):
     """The API refused a call; ``code`` is its machine-readable reason."""
 
@@ -217,7 +226,7 @@ class Stdio:
                 yield SlowClient(int(control["backlog_bytes"]))
             elif kind == "error":
                 code, text = control.get("code", "error"), control.get("message", "")
-                raise ApiError(400, code, text)
+                raise ApiError(_WS_REFUSALS.get(code, 400), code, text)
 
     async def ack(self, cursor: str) -> None:
         """Tell the fleet that output up to ``cursor`` has been consumed."""

@@ -8,7 +8,9 @@ carries the agent's logs, and the process exits with the agent.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from scheduler.client import End, FleetClient, SlowClient, Stdio
@@ -18,6 +20,8 @@ from shared.wire import STDOUT
 # own exit (or the editor closing stdin); the cause is written to stderr.
 EXIT_FLEET_ENDED = 70
 _CLEAN_CAUSES = {"eof_ignored"}
+# Chunks read ahead of the WebSocket; a slow fleet slows reading stdin.
+_STDIN_QUEUE_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -63,14 +67,25 @@ async def _relay(stdio: Stdio) -> int:
 
 
 async def _pump_stdin(stdio: Stdio) -> None:
+    chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_STDIN_QUEUE_CHUNKS)
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
-    )
-    while data := await reader.read(64 * 1024):
+    threading.Thread(target=_read_stdin, args=(loop, chunks), daemon=True).start()
+    while data := await chunks.get():
         await stdio.send(data)
     await stdio.send_eof()
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue[bytes]) -> None:
+    """Read stdin in a thread: files and /dev/null cannot be polled by the
+    event loop, and a daemon thread never holds the process past its end."""
+    while True:
+        try:
+            data = os.read(sys.stdin.fileno(), 64 * 1024)
+        except (OSError, ValueError):
+            data = b""
+        asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
+        if not data:
+            return
 
 
 def _exit_status(end: End) -> int:

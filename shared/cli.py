@@ -146,6 +146,9 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_connect(args: argparse.Namespace) -> int:
+    import httpx
+    from websockets.exceptions import WebSocketException
+
     from scheduler.client import ApiError
     from scheduler.connect import Target, connect
 
@@ -176,7 +179,7 @@ def _run_connect(args: argparse.Namespace) -> int:
     except ApiError as exc:
         print(f"acp-fleet connect: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, httpx.HTTPError, WebSocketException) as exc:
         print(f"acp-fleet connect: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2
 

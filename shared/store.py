@@ -336,6 +336,11 @@ class SessionStore:
             args=[entry_id, consumed_bytes],
         )
 
+    async def last_id(self, key: str) -> str | None:
+        """Return the id of a stream's last entry, or None when it is empty."""
+        last = await self.redis.xrevrange(key, "+", "-", count=1)
+        return _text(last[0][0]) if last else None
+
     async def read_stream(
         self, key: str, cursor: bytes | str, *, block_ms: int, count: int = 512
     ) -> list[StreamEntry]:

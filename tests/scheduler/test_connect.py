@@ -1,0 +1,94 @@
+"""``acp-fleet connect`` as an editor or a script runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.localfleet import REPO, LocalFleet
+
+
+def connect(
+    fleet: LocalFleet, stdin: object, *args: str
+) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "ACP_FLEET_API_KEY": fleet.api_keys["acme"]}
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", "connect", "--url", fleet.url, *args],
+        stdin=stdin,
+        capture_output=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+
+class TestConnect:
+    def test_stdin_from_a_file_reaches_the_agent(
+        self, fleet: LocalFleet, tmp_path: Path
+    ) -> None:
+        """A file's bytes and its end arrive; connect exits with the agent."""
+        source = tmp_path / "in.txt"
+        source.write_bytes(b"hello\n")
+
+        with source.open("rb") as stdin:
+            done = connect(fleet, stdin, "--profile", "cat-exit")
+
+        assert done.stdout == b"hello\ndone\n"
+        assert done.returncode == 7
+
+    def test_stdin_from_dev_null_is_an_immediate_eof(self, fleet: LocalFleet) -> None:
+        """With /dev/null as stdin the agent sees EOF at once."""
+        done = connect(fleet, subprocess.DEVNULL, "--profile", "cat-exit")
+
+        assert done.stdout == b"done\n"
+        assert done.returncode == 7
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--profile", "nope"], b"unknown_profile"),
+            (["--session", "0" * 32, "--token", "a.b.c"], b"invalid_token"),
+        ],
+    )
+    def test_refusals_are_one_line_and_exit_2(
+        self, fleet: LocalFleet, args: list[str], message: bytes
+    ) -> None:
+        """A refused request prints its reason, no traceback, and exits 2."""
+        done = connect(fleet, subprocess.DEVNULL, *args)
+
+        assert done.returncode == 2
+        assert message in done.stderr
+        assert b"Traceback" not in done.stderr
+
+    def test_an_unreachable_scheduler_is_reported_plainly(
+        self, fleet: LocalFleet
+    ) -> None:
+        """A scheduler that does not answer is named, without a traceback."""
+        env = {**os.environ, "ACP_FLEET_API_KEY": "k"}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shared.cli",
+                "connect",
+                "--url",
+                "http://127.0.0.1:1",
+                "--profile",
+                "cat-exit",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+
+        assert done.returncode == 2
+        assert b"cannot reach http://127.0.0.1:1" in done.stderr
+        assert b"Traceback" not in done.stderr
