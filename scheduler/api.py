@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -97,9 +99,20 @@ def create_app(settings: FleetSettings) -> FastAPI:
         arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
         blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
         app.state.fleet = Fleet(settings, arq, blocking)
+        sweeper = asyncio.create_task(_sweep_lapsed(app.state.fleet))
+        log.info(
+            "scheduler.started",
+            host=settings.scheduler.host,
+            port=settings.scheduler.port,
+            orgs=len(settings.orgs),
+            profiles=sorted(settings.profiles),
+        )
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await arq.aclose()
             await blocking.aclose()
 
@@ -143,6 +156,17 @@ def create_app(settings: FleetSettings) -> FastAPI:
     _routes(app)
     app.add_middleware(BodyLimit)
     return app
+
+
+async def _sweep_lapsed(fleet: Fleet) -> None:
+    """End the sessions of dead workers even when no worker is left to."""
+    interval_s = fleet.settings.worker.lease_ms / 2000
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await fleet.store.end_lapsed()
+        except RedisError:
+            log.warning("sweep.failed", exc_info=True)
 
 
 def _fleet(request: Request) -> Fleet:

@@ -61,6 +61,7 @@ class LocalFleet:
 
     url: str
     api_keys: dict[str, str]
+    operator_key: str
     redis_url: str
     config_path: Path
     workdir: Path
@@ -160,6 +161,7 @@ def local_fleet(
         workdir = Path(tempfile.mkdtemp(prefix="acp-fleet-"))
         orgs = orgs or {"demo": {"max_sessions": 8, "sessions_per_minute": 600}}
         api_keys = {org: "afk_" + secrets.token_urlsafe(24) for org in orgs}
+        operator_key = "afo_" + secrets.token_urlsafe(24)
         port = free_port()
         settings = {
             "config_version": 1,
@@ -171,6 +173,7 @@ def local_fleet(
                 org: {"key_sha256": key_digest(api_keys[org]), **limits}
                 for org, limits in orgs.items()
             },
+            "operators": {"ops": {"key_sha256": key_digest(operator_key)}},
             "scheduler": {"host": "127.0.0.1", "port": port, **(scheduler or {})},
             "worker": {"node": "node-" + secrets.token_hex(3), **(worker or {})},
             "profiles": dict(profiles),
@@ -180,6 +183,7 @@ def local_fleet(
         fleet = LocalFleet(
             url=f"http://127.0.0.1:{port}",
             api_keys=api_keys,
+            operator_key=operator_key,
             redis_url=url,
             config_path=config_path,
             workdir=workdir,

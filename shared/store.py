@@ -35,7 +35,7 @@ from shared.keys import (
     UPDATE,
     Keys,
 )
-from shared.models import Outcome
+from shared.models import EndCause, Outcome
 
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
@@ -226,6 +226,29 @@ class SessionStore:
             self.keys.session(session_id), ["out_bytes", "acked_bytes"]
         )
         return int(out or 0) - int(acked or 0)
+
+    async def end_lapsed(self) -> int:
+        """End as ``worker_lost`` every claimed session whose lease lapsed.
+
+        Any worker or scheduler replica may call this; each session is
+        ended once, by whichever call comes first.
+        """
+        lapsed = await self.redis.zrangebyscore(
+            self.keys.running, "-inf", await self.now_ms()
+        )
+        ended = 0
+        for raw in lapsed:
+            session_id = _text(raw)
+            record = await self.record(session_id)
+            if record is None:
+                await self.redis.zrem(self.keys.running, session_id)
+                continue
+            outcome = Outcome(cause=EndCause.WORKER_LOST, detail="lease lapsed")
+            ended += await self.finish(
+                session_id, org=record["org"], expect="lapsed", outcome=outcome
+            )
+
+        return ended
 
     async def touch(self, session_id: str, field: str) -> int:
         """Stamp Redis' clock into ``field``; returns it, or 0 if no session."""

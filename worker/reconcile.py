@@ -79,24 +79,5 @@ class Reconciler:
             )
 
     async def end_lapsed_sessions(self) -> int:
-        """End every claimed session whose lease has lapsed."""
-        seconds, micros = await self.store.redis.time()
-        now_ms = seconds * 1000 + micros // 1000
-        lapsed = await self.store.redis.zrangebyscore(
-            self.store.keys.running, "-inf", now_ms
-        )
-        ended = 0
-        for raw in lapsed:
-            session_id = raw.decode()
-            record = await self.store.record(session_id)
-            if record is None:
-                await self.store.redis.zrem(self.store.keys.running, session_id)
-                continue
-            ended += await self.store.finish(
-                session_id,
-                org=record["org"],
-                expect="lapsed",
-                outcome=Outcome(cause=EndCause.WORKER_LOST, detail="lease lapsed"),
-            )
-
-        return ended
+        """End every claimed session whose lease has lapsed, on any node."""
+        return await self.store.end_lapsed()

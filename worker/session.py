@@ -123,6 +123,7 @@ class SessionRun:
         self._first_byte = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_stdio = time.monotonic()
+        self._started = False
 
     async def run(self) -> Outcome:
         """Run the sandbox and return how the session ended."""
@@ -133,6 +134,12 @@ class SessionRun:
         except asyncio.CancelledError:
             outcome = Outcome(cause=EndCause.DRAINED, detail="worker stopped")
             raise
+        except (RedisError, OSError) as exc:
+            # The one place that decides: a fault before the agent ran is a
+            # failed start, one after it is a failed relay.
+            log.exception("session.failed")
+            cause = EndCause.RELAY_FAILED if self._started else EndCause.START_FAILED
+            outcome = Outcome(cause=cause, detail=f"{type(exc).__name__}: {exc}")
         finally:
             heartbeat.cancel()
             await self._cancel_tasks()
@@ -213,6 +220,7 @@ class SessionRun:
         # Attach before start, so not one byte of early output is missed.
         self.stdio = await self.runtime.attach(self.container_id)
         await self.runtime.start(self.container_id)
+        self._started = True
         await self._update({"state": "running", "sandbox_ready_ms": "now"})
 
     async def _relay(self) -> ExitState | None:
@@ -467,13 +475,20 @@ class SessionRun:
             except SandboxError:
                 log.exception("session.remove_failed")
         if self._lease_lost:
+            log.info("session.ended", cause="worker_lost", recorded_by="another")
             return
-        ended = await self.store.finish(
-            self.session_id,
-            org=self.claim.org,
-            expect=self.claim.token,
-            outcome=outcome,
-        )
+        try:
+            ended = await self.store.finish(
+                self.session_id,
+                org=self.claim.org,
+                expect=self.claim.token,
+                outcome=outcome,
+            )
+        except RedisError:
+            # The lease lapses without heartbeats; a sweep then ends the
+            # session as worker_lost.
+            log.exception("session.finish_failed", cause=outcome.cause.value)
+            return
         log.info(
             "session.ended",
             ended=ended,

@@ -296,3 +296,36 @@ class TestBadInput:
         """/healthz and /readyz answer 200 while Redis is reachable."""
         assert httpx.get(f"{api.url}/healthz").json() == {"status": "ok"}
         assert httpx.get(f"{api.url}/readyz").json() == {"status": "ready"}
+
+
+class TestLimitsOfInput:
+    def test_a_huge_body_is_refused_before_parsing(self, api: LocalFleet) -> None:
+        """A body over 1 MiB gets 413 body_too_large, with or without a key."""
+        body = b'{"profile": "sh", "env": {"FOO": "' + b"a" * (2 * 1024 * 1024) + b'"}}'
+
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large"
+
+    def test_a_wrong_method_speaks_the_error_format(self, api: LocalFleet) -> None:
+        """A 405 carries a machine-readable code like every other error."""
+        response = httpx.put(f"{api.url}/v1/sessions")
+
+        assert response.status_code == 405
+        assert response.json()["error"]["code"] == "method_not_allowed"
+
+    def test_an_env_value_over_32_kib_is_refused(self, api: LocalFleet) -> None:
+        """A per-session variable longer than 32 KiB is a 422 naming env."""
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            json={"profile": "sh", "env": {"ANTHROPIC_API_KEY": "k" * 40_000}},
+            headers={"Authorization": f"Bearer {api.api_keys['delta']}"},
+        )
+
+        assert response.status_code == 422
+        assert response.json()["error"]["field"].startswith("env")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -295,3 +296,46 @@ class TestResume:
         assert pending == b""
         assert end is not None
         assert (end.cause, end.exit_code) == ("agent_exit", 0)
+
+
+class TestOperators:
+    async def test_a_drained_node_claims_nothing_until_resumed(
+        self, short_fleet: LocalFleet
+    ) -> None:
+        """Drain stops claims and shows in the fleet view; undo resumes them."""
+        node = short_fleet.settings.worker.node
+        ops = {"Authorization": f"Bearer {short_fleet.operator_key}"}
+        async with httpx.AsyncClient(base_url=short_fleet.url, headers=ops) as http:
+            drained = await http.post(f"/v1/nodes/{node}/drain")
+            await asyncio.sleep(1.5)
+            async with FleetClient(short_fleet.url, short_fleet.api_key) as client:
+                created = await client.create_session("brief")
+                await asyncio.sleep(1.5)
+                waiting = await client.session(created["id"])
+                view = (await http.get("/v1/fleet")).json()
+                resumed = await http.delete(f"/v1/nodes/{node}/drain")
+                ended = await wait_state(client, created["id"], "ended")
+
+        assert drained.status_code == 202
+        assert waiting["state"] == "queued"
+        ours = next(entry for entry in view["nodes"] if entry["node"] == node)
+        assert ours["draining"] is True
+        assert ours["drain_requested"] is True
+        assert ours["heartbeat_age_ms"] < 3000
+        assert view["queue"]["depth"] >= 1
+        assert view["queue"]["oldest_wait_ms"] >= 1000
+        assert resumed.status_code == 200
+        assert (ended["cause"], ended["exit_code"]) == ("agent_exit", 4)
+
+    async def test_the_fleet_view_needs_an_operator_key(
+        self, short_fleet: LocalFleet
+    ) -> None:
+        """An organisation's key cannot list nodes or drain them."""
+        org = {"Authorization": f"Bearer {short_fleet.api_key}"}
+        async with httpx.AsyncClient(base_url=short_fleet.url, headers=org) as http:
+            listing = await http.get("/v1/fleet")
+            drain = await http.post("/v1/nodes/any/drain")
+
+        assert listing.status_code == 401
+        assert listing.json()["error"]["code"] == "operator_required"
+        assert drain.status_code == 401
