@@ -2,15 +2,17 @@
 # Build the fleet's local images without any registry:
 #   acp-fleet/claude-code-acp:0.16.2  from images/agent/Dockerfile.local
 #   acp-fleet/busybox:test            from images/busybox/Dockerfile
+#   acp-fleet/nosh:test               from images/nosh/Dockerfile
 # An image that already exists is skipped unless --force is given.
 #
-# Usage: images/build.sh [--force] [--only agent|busybox]
+# Usage: images/build.sh [--force] [--only agent|busybox|nosh]
 set -euo pipefail
 
 IMAGES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BUILD_DIR="$(dirname "$IMAGES_DIR")/build/images"
 AGENT_TAG=acp-fleet/claude-code-acp:0.16.2
 BUSYBOX_TAG=acp-fleet/busybox:test
+NOSH_TAG=acp-fleet/nosh:test
 NODE_BIN=/usr/bin/node
 BUSYBOX_BIN=/usr/bin/busybox
 
@@ -18,7 +20,7 @@ BUSYBOX_BIN=/usr/bin/busybox
 export DOCKER_BUILDKIT=0
 
 usage() {
-    echo "usage: $0 [--force] [--only agent|busybox]" >&2
+    echo "usage: $0 [--force] [--only agent|busybox|nosh]" >&2
     exit 2
 }
 
@@ -83,6 +85,19 @@ build_busybox() {
         --file "$IMAGES_DIR/busybox/Dockerfile" "$context" >/dev/null
 }
 
+build_nosh() {
+    local context="$BUILD_DIR/nosh"
+
+    mkdir -p "$context/etc" "$context/dirs"
+    install -m 0755 "$BUSYBOX_BIN" "$context/busybox"
+    install -m 0644 -t "$context/etc" "$IMAGES_DIR"/etc/passwd \
+        "$IMAGES_DIR"/etc/group
+    install -d -m 0755 "$context/dirs/tmp" "$context/dirs/workspace" \
+        "$context/dirs/run" "$context/dirs/home/agent"
+    docker build --quiet --tag "$NOSH_TAG" \
+        --file "$IMAGES_DIR/nosh/Dockerfile" "$context" >/dev/null
+}
+
 ensure() {
     local name="$1" tag="$2" state=built
 
@@ -106,10 +121,11 @@ while (($#)); do
     shift
 done
 case "$only" in
-    ""|agent|busybox) ;;
+    ""|agent|busybox|nosh) ;;
     *) usage ;;
 esac
 
 [[ -z "$only" || "$only" == agent ]] && ensure agent "$AGENT_TAG"
 [[ -z "$only" || "$only" == busybox ]] && ensure busybox "$BUSYBOX_TAG"
+[[ -z "$only" || "$only" == nosh ]] && ensure nosh "$NOSH_TAG"
 exit 0

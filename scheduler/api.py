@@ -339,6 +339,7 @@ async def _fleet_view(fleet: Fleet) -> FleetView:
                 draining=record.get("draining") == "1",
                 drain_requested=bool(requested),
                 started_ms=int(record.get("started_ms", 0)),
+                pools=json.loads(record.get("pools", "{}")),
             )
         )
     depth, oldest_ms = await fleet.store.queue_stats()

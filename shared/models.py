@@ -168,6 +168,7 @@ class NodeView(BaseModel):
     draining: bool
     drain_requested: bool
     started_ms: int
+    pools: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class QueueView(BaseModel):

@@ -63,6 +63,18 @@ class Limits(_Strict):
     workspace_bytes: MemoryBytes = Field(512 * 1024**2, alias="workspace_size")
 
 
+class PoolConfig(_Strict):
+    """Ready sandboxes kept per node for a profile, so starts skip Docker."""
+
+    # 0 disables the pool: every session starts its own container.
+    size: int = Field(0, ge=0, le=1024)
+    # Members older than this are replaced, so none runs on stale state.
+    max_age_s: int = Field(3600, ge=10)
+    # Consecutive failed refills before the pool backs off to cold starts.
+    failures_before_backoff: int = Field(3, ge=1)
+    backoff_max_s: float = Field(300.0, gt=0)
+
+
 class AgentProfile(_Strict):
     """An operator-named way to run one agent image."""
 
@@ -77,6 +89,16 @@ class AgentProfile(_Strict):
     env_allowed: list[str] = Field(default_factory=list)
     max_line_bytes: int = Field(16 * 1024**2, ge=4096, le=256 * 1024**2)
     limits: Limits
+    pool: PoolConfig = Field(default_factory=lambda: PoolConfig())
+
+    @model_validator(mode="after")
+    def _pool_needs_command(self) -> AgentProfile:
+        if self.pool.size and not self.command:
+            raise ValueError(
+                "a warm pool starts the agent through a launcher, so the "
+                "profile must name its command"
+            )
+        return self
 
     @field_validator("workdir", "home")
     @classmethod
@@ -85,9 +107,9 @@ class AgentProfile(_Strict):
             raise ValueError(f"{path!r} must be an absolute path inside the sandbox")
         return path
 
-    @field_validator("env_allowed")
+    @field_validator("env_allowed", "env")
     @classmethod
-    def _variable_names(cls, names: list[str]) -> list[str]:
+    def _variable_names(cls, names: Any) -> Any:
         for name in names:
             if not _ENV_NAME_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name")
@@ -128,7 +150,8 @@ class WorkerConfig(_Strict):
     docker_url: str = Field(default_factory=lambda: _default_docker_url())
     lease_ms: int = Field(10_000, ge=1000)
     heartbeat_ms: int = Field(2_000, ge=100)
-    poll_delay_ms: int = Field(50, ge=5, le=5000)
+    # arq polls its queue: a session waits half of this on average.
+    poll_delay_ms: int = Field(10, ge=1, le=5000)
     eof_grace_s: float = Field(5.0, gt=0, le=300)
     kill_grace_s: float = Field(2.0, gt=0, le=300)
     reconcile_interval_s: float = Field(30.0, gt=0)

@@ -25,7 +25,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def docker_images() -> None:
     """Fail, not skip, when the Engine or the test images are missing."""
-    for image in (BUSYBOX_IMAGE, AGENT_IMAGE):
+    for image in (BUSYBOX_IMAGE, AGENT_IMAGE, "acp-fleet/nosh:test"):
         found = subprocess.run(
             ["docker", "image", "inspect", image], capture_output=True, check=False
         )

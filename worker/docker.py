@@ -143,6 +143,11 @@ class AttachedStdio:
         self._reader = reader
         self._writer = writer
 
+    @property
+    def alive(self) -> bool:
+        """False once the container closed its side of the connection."""
+        return not self._reader.at_eof() and not self._writer.is_closing()
+
     async def read(self) -> bytes:
         """Return the next chunk of multiplexed output; b"" at end of stream."""
         return await self._reader.read(_READ_BYTES)
@@ -266,6 +271,28 @@ class DockerRuntime:
             exit_code=int(state["ExitCode"]),
             oom_killed=bool(state.get("OOMKilled")),
             error=str(state.get("Error") or ""),
+        )
+
+    async def run_check(
+        self, container_id: str, command: list[str], *, user: str, timeout_s: float
+    ) -> int:
+        """Run ``command`` inside a running container; return its exit code."""
+        container = self.docker.containers.container(container_id)
+        execution = await self._call(
+            container.exec(command, stdout=True, stderr=True, user=user),
+            container_id=container_id,
+        )
+        # Detached: its output is not needed, only whether it succeeded.
+        await self._call(
+            execution.start(detach=True, timeout=timeout_s), container_id=container_id
+        )
+        for _ in range(int(timeout_s / 0.01)):
+            info = await self._call(execution.inspect(), container_id=container_id)
+            if not info.get("Running"):
+                return int(info.get("ExitCode") or 0)
+            await asyncio.sleep(0.01)
+        raise SandboxError(
+            f"check in {container_id} timed out", container_id=container_id
         )
 
     async def kill(self, container_id: str, signal: str) -> bool:

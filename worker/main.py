@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ from shared.logs import configure_logging
 from shared.settings import FleetSettings
 from shared.store import SessionStore
 from worker.docker import DockerRuntime, seccomp_profile
+from worker.pool import WarmPool
 from worker.reconcile import Reconciler
 from worker.session import Images, SessionRunner
 
@@ -92,9 +94,10 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
         runtime=runtime,
         fleet=settings.fleet,
         node=settings.worker.node,
-        owned=runner.active,
+        owns=runner.owns,
     )
     await reconciler.run_once()
+    _start_pools(runner, settings)
     ctx.update(runtime=runtime, blocking=blocking, runner=runner)
     ctx["reconcile_task"] = asyncio.create_task(
         _reconcile_forever(reconciler, settings), name="reconcile"
@@ -105,6 +108,26 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
         max_sessions=settings.worker.max_sessions,
         profiles=sorted(images.refs),
     )
+
+
+def _start_pools(runner: SessionRunner, settings: FleetSettings) -> None:
+    """Create each profile's warm pool and start filling it."""
+    for name, profile in settings.profiles.items():
+        if profile.pool.size == 0:
+            continue
+        pool = WarmPool(
+            name=name,
+            profile=profile,
+            image=runner.images.refs.get(name, profile.image),
+            runtime=runner.runtime,
+            fleet=settings.fleet,
+            node=settings.worker.node,
+            seccomp=runner.seccomp,
+        )
+        runner.pools[name] = pool
+        runner.pool_tasks.append(
+            asyncio.create_task(pool.fill_forever(), name=f"pool-{name}")
+        )
 
 
 async def _resolve_images(runtime: DockerRuntime, settings: FleetSettings) -> Images:
@@ -153,6 +176,9 @@ async def _beat_forever(
             "sessions": str(len(runner.active)),
             "started_ms": str(started_ms),
             "draining": str(int(not worker.allow_pick_jobs)),
+            "pools": json.dumps(
+                {name: pool.snapshot() for name, pool in runner.pools.items()}
+            ),
         }
         try:
             drain = await runner.store.beat_node(node, fields, ttl_ms)
@@ -175,6 +201,8 @@ async def _stop(ctx: dict[str, Any]) -> None:
         # Sessions cancelled by the drain are still recording their end and
         # removing their containers; Docker and Redis must outlive that.
         await ctx["runner"].wait_idle(timeout_s=_CLEANUP_WAIT_S)
+    if "runner" in ctx:
+        await ctx["runner"].close_pools()
     for name in ("reconcile_task", "node_task"):
         task = ctx.get(name)
         if task is not None:

@@ -7,7 +7,7 @@ session whose owner stopped renewing its lease, on any node.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable
 
 import structlog
 
@@ -29,14 +29,15 @@ class Reconciler:
         runtime: DockerRuntime,
         fleet: str,
         node: str,
-        owned: Collection[str],
+        owns: Callable[[str, str], bool],
     ) -> None:
         self.store = store
         self.runtime = runtime
         self.labels = {LABEL_FLEET: fleet, LABEL_NODE: node}
         self.node = node
-        # Sessions this process runs; their containers are never touched.
-        self.owned = owned
+        # Whether this process holds a container (by session and id): its
+        # runs' and its pools' containers are never touched.
+        self.owns = owns
 
     async def run_once(self) -> tuple[int, int]:
         """Return (containers removed, sessions ended as lost)."""
@@ -51,7 +52,7 @@ class Reconciler:
         removed = 0
         for container in await self.runtime.labelled(self.labels):
             session_id = container.get("Labels", {}).get(LABEL_SESSION, "")
-            if session_id in self.owned:
+            if self.owns(session_id, container["Id"]):
                 continue
             await self._end_own_orphan(session_id)
             try:
@@ -66,6 +67,8 @@ class Reconciler:
     async def _end_own_orphan(self, session_id: str) -> None:
         # A lease held under this node's name but by no run of this process
         # belongs to an earlier incarnation of this worker: it is dead.
+        if not session_id:
+            return
         record = await self.store.record(session_id)
         if record is None or record.get("state") == "ended":
             return

@@ -33,6 +33,7 @@ from worker.docker import (
     container_config,
 )
 from worker.frames import STDOUT, FrameDecoder, LineBuffer, LineTooLong
+from worker.pool import Member, WarmPool, launch_spec
 
 log = structlog.get_logger("worker.session")
 
@@ -68,6 +69,8 @@ class SessionRunner:
         self.runtime = runtime
         self.seccomp = seccomp
         self.images = images
+        self.pools: dict[str, WarmPool] = {}
+        self.pool_tasks: list[asyncio.Task[None]] = []
         self.active: dict[str, SessionRun] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -94,6 +97,22 @@ class SessionRunner:
                     self._idle.set()
 
         return outcome.cause.value
+
+    def owns(self, session_id: str, container_id: str) -> bool:
+        """True for a container that a run or a pool of this process holds."""
+        if session_id in self.active:
+            return True
+        if any(run.container_id == container_id for run in self.active.values()):
+            return True
+        return any(pool.owns(container_id) for pool in self.pools.values())
+
+    async def close_pools(self) -> None:
+        """Stop refilling and destroy every waiting member."""
+        for task in self.pool_tasks:
+            task.cancel()
+        await asyncio.gather(*self.pool_tasks, return_exceptions=True)
+        for pool in self.pools.values():
+            await pool.close()
 
     async def wait_idle(self, *, timeout_s: float) -> None:
         """Wait until no session runs here, or ``timeout_s`` has passed."""
@@ -150,14 +169,18 @@ class SessionRun:
     async def _run_sandbox(self) -> Outcome:
         try:
             spec = self._spec()
-            await self._create(spec)
-            await self._start()
+            member = self._warm_member()
+            if member is not None:
+                await self._start_warm(member)
+            else:
+                await self._create(spec)
+                await self._start()
         except SandboxError as exc:
             log.exception("session.start_failed", docker_status=exc.status)
             return Outcome(cause=EndCause.START_FAILED, detail=str(exc))
         except LeaseLost:
             return Outcome(cause=EndCause.WORKER_LOST, detail="lease lost")
-        log.info("session.started", container_id=self.container_id)
+        log.info("session.started", warm=member is not None)
 
         exit_state = await self._relay()
 
@@ -200,6 +223,28 @@ class SessionRun:
             env=self.claim.env,
         )
 
+    def _warm_member(self) -> Member | None:
+        """A ready sandbox of the profile, unless the session narrowed limits
+        (members run with the profile's) or the pool has none."""
+        pool = self.runner.pools.get(self.profile_name)
+        if pool is None or self.limits != self.profile.limits:
+            return None
+        return pool.take()
+
+    async def _start_warm(self, member: Member) -> None:
+        self.container_id, self.stdio = member.container_id, member.stdio
+        digest = self.runner.images.digests.get(self.profile_name, "")
+        structlog.contextvars.bind_contextvars(
+            container_id=self.container_id[:12], image_digest=digest
+        )
+        await self._update(
+            {"container_id": self.container_id, "image_digest": digest, "start": "warm"}
+        )
+        # The launcher reads this one line, then becomes the agent.
+        await self.stdio.write(launch_spec(self.claim.env))
+        self._started = True
+        await self._update({"state": "running", "sandbox_ready_ms": "now"})
+
     async def _create(self, spec: SandboxSpec) -> None:
         config = container_config(
             spec,
@@ -213,7 +258,9 @@ class SessionRun:
         structlog.contextvars.bind_contextvars(
             container_id=self.container_id[:12], image_digest=digest
         )
-        await self._update({"container_id": self.container_id, "image_digest": digest})
+        await self._update(
+            {"container_id": self.container_id, "image_digest": digest, "start": "cold"}
+        )
 
     async def _start(self) -> None:
         assert self.container_id is not None

@@ -1,0 +1,267 @@
+"""Warm pools: sandboxes started ahead of demand, one profile each.
+
+A member is a hardened container whose agent has not started yet: a
+launcher as its command waits for one line on stdin, the session's
+environment, then replaces itself with the agent. A claim therefore costs
+a write on an open socket instead of a container start, and a session's
+secrets never enter a container's configuration (nor Docker's disk).
+Each member serves one session and is destroyed with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shlex
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from shared.errors import SandboxError
+from shared.settings import AgentProfile, PoolConfig
+from worker.docker import AttachedStdio, DockerRuntime, SandboxSpec, container_config
+
+log = structlog.get_logger("worker.pool")
+
+# The launcher needs a POSIX shell in the image; it reads exactly one line,
+# so the bytes after it stay on stdin for the agent.
+LAUNCHER = 'IFS= read -r spec || exit 111; eval "$spec" && exec "$@"'
+# C07: the member writes a script into HOME and its workspace and runs it;
+# a member that cannot is never handed out.
+PROBE = (
+    'for d in "$HOME" "$PWD"; do f="$d/.fleet-probe"; '
+    'printf \'#!/bin/sh\\nexit 0\\n\' > "$f" && chmod 700 "$f" && "$f" '
+    '&& rm -f "$f" || exit 1; done'
+)
+_PROBE_TIMEOUT_S = 10.0
+_BACKOFF_BASE_S = 1.0
+
+
+def launch_spec(env: Mapping[str, str]) -> bytes:
+    """Return the one line that hands ``env`` to a member's launcher.
+
+    Values are shell-quoted; a newline inside a value is spliced in from a
+    variable, since the line itself must not contain one.
+    """
+    if not env:
+        return b":\n"
+    assignments = " ".join(f"{name}={_quoted(value)}" for name, value in env.items())
+    return f"nl=$(printf '\\nx'); nl=${{nl%x}}; export {assignments}\n".encode()
+
+
+def _quoted(value: str) -> str:
+    return '"$nl"'.join(shlex.quote(part) for part in value.split("\n"))
+
+
+@dataclass
+class Member:
+    """A ready sandbox waiting for its session."""
+
+    container_id: str
+    stdio: AttachedStdio
+    born: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class PoolStats:
+    """Counters operators read from the node's heartbeat."""
+
+    hits: int = 0
+    misses: int = 0
+    refill_failures: int = 0
+
+
+class WarmPool:
+    """Keep ``config.size`` ready members of one profile on this node."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        profile: AgentProfile,
+        image: str,
+        runtime: DockerRuntime,
+        fleet: str,
+        node: str,
+        seccomp: str,
+    ) -> None:
+        self.name = name
+        self.profile = profile
+        self.config: PoolConfig = profile.pool
+        self.image = image
+        self.runtime = runtime
+        self.fleet = fleet
+        self.node = node
+        self.seccomp = seccomp
+        self.ready: deque[Member] = deque()
+        self.stats = PoolStats()
+        self.creating: set[str] = set()
+        self._wanted = asyncio.Event()
+        self._failures = 0
+        self._backoff_until = 0.0
+
+    @property
+    def backing_off(self) -> bool:
+        """True while refills are paused after repeated failures."""
+        return time.monotonic() < self._backoff_until
+
+    def take(self) -> Member | None:
+        """Hand out a healthy member, or None when the pool has none."""
+        while self.ready:
+            member = self.ready.popleft()
+            if self._usable(member):
+                self.stats.hits += 1
+                self._wanted.set()
+                return member
+            self._discard(member)
+        self.stats.misses += 1
+        self._wanted.set()
+        return None
+
+    def owns(self, container_id: str) -> bool:
+        """True for members waiting here or being created."""
+        return container_id in self.creating or any(
+            m.container_id == container_id for m in self.ready
+        )
+
+    def snapshot(self) -> dict[str, object]:
+        """Sizes, ages and counters for the node's heartbeat."""
+        now = time.monotonic()
+        return {
+            "ready": len(self.ready),
+            "target": self.config.size,
+            "oldest_age_s": round(max((now - m.born for m in self.ready), default=0)),
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "refill_failures": self.stats.refill_failures,
+            "backing_off": self.backing_off,
+        }
+
+    async def fill_forever(self) -> None:
+        """Refill one member at a time, so refills never crowd out claims."""
+        while True:
+            self._retire_aged()
+            if self.backing_off:
+                await asyncio.sleep(self._backoff_until - time.monotonic())
+                continue
+            if len(self.ready) >= self.config.size:
+                self._wanted.clear()
+                await self._wait_for_want()
+                continue
+            await self._refill_one()
+
+    async def close(self) -> None:
+        """Destroy every waiting member."""
+        while self.ready:
+            member = self.ready.popleft()
+            member.stdio.abort()
+            await self._remove(member.container_id)
+
+    async def _wait_for_want(self) -> None:
+        # Wake for a claim, or in time to retire the oldest member.
+        timeout_s = float(self.config.max_age_s)
+        if self.ready:
+            timeout_s = self.ready[0].born + self.config.max_age_s - time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wanted.wait(), max(timeout_s, 0.01))
+
+    async def _refill_one(self) -> None:
+        try:
+            member = await self._start_member()
+        except (SandboxError, OSError) as exc:
+            self._failed(exc)
+            return
+        self._failures = 0
+        self.ready.append(member)
+
+    def _failed(self, exc: Exception) -> None:
+        self.stats.refill_failures += 1
+        self._failures += 1
+        if self._failures < self.config.failures_before_backoff:
+            log.warning("pool.refill_failed", pool=self.name, error=str(exc))
+            return
+        exponent = self._failures - self.config.failures_before_backoff
+        delay_s = min(self.config.backoff_max_s, _BACKOFF_BASE_S * 2**exponent)
+        self._backoff_until = time.monotonic() + delay_s
+        log.warning(
+            "pool.backing_off", pool=self.name, error=str(exc), backoff_s=delay_s
+        )
+
+    async def _start_member(self) -> Member:
+        config = self._member_config()
+        name = f"{self.fleet}-pool-{self.name}-{secrets.token_hex(4)}"
+        container_id = await self.runtime.create(config, name=name)
+        self.creating.add(container_id)
+        try:
+            stdio = await self.runtime.attach(container_id)
+            try:
+                await self.runtime.start(container_id)
+                await self._probe(container_id)
+            except BaseException:
+                stdio.abort()
+                raise
+        except BaseException:
+            await self._remove(container_id)
+            raise
+        finally:
+            self.creating.discard(container_id)
+
+        return Member(container_id=container_id, stdio=stdio)
+
+    def _member_config(self) -> dict[str, object]:
+        spec = SandboxSpec(
+            session_id="",
+            profile_name=self.name,
+            profile=self.profile.model_copy(
+                update={
+                    "command": [
+                        "/bin/sh",
+                        "-c",
+                        LAUNCHER,
+                        "fleet-launch",
+                        *self.profile.command,
+                    ]
+                }
+            ),
+            limits=self.profile.limits,
+            image=self.image,
+        )
+        return container_config(
+            spec, fleet=self.fleet, node=self.node, seccomp=self.seccomp
+        )
+
+    async def _probe(self, container_id: str) -> None:
+        code = await self.runtime.run_check(
+            container_id,
+            ["/bin/sh", "-c", PROBE],
+            user=self.profile.user,
+            timeout_s=_PROBE_TIMEOUT_S,
+        )
+        if code != 0:
+            raise SandboxError(
+                f"health probe exited {code} in {container_id}",
+                container_id=container_id,
+            )
+
+    def _usable(self, member: Member) -> bool:
+        young = time.monotonic() - member.born < self.config.max_age_s
+        return young and member.stdio.alive
+
+    def _retire_aged(self) -> None:
+        while self.ready and not self._usable(self.ready[0]):
+            self._discard(self.ready.popleft())
+
+    def _discard(self, member: Member) -> None:
+        member.stdio.abort()
+        task = asyncio.create_task(self._remove(member.container_id))
+        task.add_done_callback(lambda _: None)
+
+    async def _remove(self, container_id: str) -> None:
+        try:
+            await self.runtime.remove(container_id)
+        except SandboxError:
+            log.exception("pool.remove_failed", container_id=container_id)
