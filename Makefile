@@ -1,5 +1,5 @@
 # The two commands of the README, and the benchmark.
-.PHONY: setup demo test lint
+.PHONY: setup demo test bench lint
 
 setup:
 	bash scripts/setup.sh
@@ -9,6 +9,9 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest
+
+bench: setup
+	.venv/bin/python bench/startup.py
 
 lint:
 	.venv/bin/ruff check .

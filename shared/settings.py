@@ -73,6 +73,9 @@ class PoolConfig(_Strict):
     # Consecutive failed refills before the pool backs off to cold starts.
     failures_before_backoff: int = Field(3, ge=1)
     backoff_max_s: float = Field(300.0, gt=0)
+    # Refills wait for this long a pause in claims, unless the pool is down
+    # to a quarter: a container start costs the CPU that claims need.
+    refill_quiet_ms: int = Field(250, ge=0)
 
 
 class AgentProfile(_Strict):
@@ -151,7 +154,7 @@ class WorkerConfig(_Strict):
     lease_ms: int = Field(10_000, ge=1000)
     heartbeat_ms: int = Field(2_000, ge=100)
     # arq polls its queue: a session waits half of this on average.
-    poll_delay_ms: int = Field(10, ge=1, le=5000)
+    poll_delay_ms: int = Field(5, ge=1, le=5000)
     eof_grace_s: float = Field(5.0, gt=0, le=300)
     kill_grace_s: float = Field(2.0, gt=0, le=300)
     reconcile_interval_s: float = Field(30.0, gt=0)

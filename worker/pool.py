@@ -103,6 +103,7 @@ class WarmPool:
         self._wanted = asyncio.Event()
         self._failures = 0
         self._backoff_until = 0.0
+        self._last_claim = 0.0
 
     @property
     def backing_off(self) -> bool:
@@ -111,6 +112,7 @@ class WarmPool:
 
     def take(self) -> Member | None:
         """Hand out a healthy member, or None when the pool has none."""
+        self._last_claim = time.monotonic()
         while self.ready:
             member = self.ready.popleft()
             if self._usable(member):
@@ -152,7 +154,17 @@ class WarmPool:
                 self._wanted.clear()
                 await self._wait_for_want()
                 continue
+            if (pause_s := self._claims_recent_s()) > 0:
+                await asyncio.sleep(pause_s)
+                continue
             await self._refill_one()
+
+    def _claims_recent_s(self) -> float:
+        """How long to hold a refill back because claims are under way."""
+        if len(self.ready) * 4 < self.config.size:
+            return 0.0
+        quiet_s = self.config.refill_quiet_ms / 1000
+        return max(0.0, self._last_claim + quiet_s - time.monotonic())
 
     async def close(self) -> None:
         """Destroy every waiting member."""
