@@ -53,11 +53,15 @@ async def pool_state(fleet: LocalFleet, name: str) -> dict[str, Any]:
     return state
 
 
-async def wait_pool(fleet: LocalFleet, name: str, ready: int) -> dict[str, Any]:
+async def wait_pool(
+    fleet: LocalFleet, name: str, ready: int, *, hits: int = 0
+) -> dict[str, Any]:
+    """Wait for a heartbeat showing ``ready`` members after ``hits`` claims
+    (a heartbeat from before the last claim would show a full pool too)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         state = await pool_state(fleet, name)
-        if state.get("ready") == ready:
+        if state.get("ready") == ready and state.get("hits", 0) >= hits:
             return state
         await asyncio.sleep(0.2)
     raise AssertionError(f"pool {name} never had {ready} ready: {state}")
@@ -101,11 +105,11 @@ class TestWarmPool:
 
     async def test_the_pool_refills_after_claims(self, pooled: LocalFleet) -> None:
         """Three claims empty the pool; it is full again shortly after."""
-        await wait_pool(pooled, "echo", ready=3)
+        await wait_pool(pooled, "echo", ready=3, hits=1)
 
         results = await asyncio.gather(*(talk(pooled, {}) for _ in range(3)))
         starts = [await session_field(pooled, sid, "start") for sid, _, _ in results]
-        state = await wait_pool(pooled, "echo", ready=3)
+        state = await wait_pool(pooled, "echo", ready=3, hits=4)
 
         assert starts == ["warm"] * 3
         assert state["hits"] >= 4
