@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from shared.errors import ConfigError
 
@@ -91,6 +92,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     connect.set_defaults(run=_run_connect)
 
+    nodes = commands.add_parser(
+        "nodes",
+        help="list worker nodes, their pools, and the queue",
+        description="Show every node's heartbeat age, capacity, sessions, "
+        "drain state and warm pools, and the queue's depth and oldest wait. "
+        "Needs an operator key in ACP_FLEET_OPERATOR_KEY.",
+    )
+    _url_option(nodes)
+    nodes.add_argument("--json", action="store_true", help="print the raw JSON")
+    nodes.set_defaults(run=_run_nodes)
+
+    drain = commands.add_parser(
+        "drain",
+        help="stop a node from claiming sessions (or let it resume)",
+        description="Ask a node's worker to stop claiming new sessions; "
+        "running ones finish. --undo lets it claim again. Needs an operator "
+        "key in ACP_FLEET_OPERATOR_KEY.",
+    )
+    _url_option(drain)
+    drain.add_argument("node", help="the node's name, as 'nodes' lists it")
+    drain.add_argument("--undo", action="store_true", help="let the node resume")
+    drain.set_defaults(run=_run_drain)
+
     demo = commands.add_parser(
         "demo",
         help="run a real ACP session through the whole fleet, then clean up",
@@ -105,6 +129,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_run_demo)
 
     return parser
+
+
+def _url_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("ACP_FLEET_URL", "http://127.0.0.1:8080"),
+        help="the scheduler's base URL (default: $ACP_FLEET_URL or %(default)s)",
+    )
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -182,6 +214,70 @@ def _run_connect(args: argparse.Namespace) -> int:
     except (OSError, httpx.HTTPError, WebSocketException) as exc:
         print(f"acp-fleet connect: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2
+
+
+def _operator_call(args: argparse.Namespace, method: str, path: str) -> int:
+    import json
+
+    import httpx
+
+    key = os.environ.get("ACP_FLEET_OPERATOR_KEY")
+    if not key:
+        _complain("set ACP_FLEET_OPERATOR_KEY to an operator key")
+        return 2
+    try:
+        response = httpx.request(
+            method,
+            args.url.rstrip("/") + path,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        _complain(f"cannot reach {args.url}: {exc}")
+        return 2
+    body = response.json()
+    if response.status_code >= 400:
+        error = body.get("error", {})
+        _complain(f"{error.get('code')}: {error.get('message')}")
+        return 2
+    print(json.dumps(body, indent=2) if getattr(args, "json", False) else _table(body))
+    return 0
+
+
+def _complain(text: str) -> None:
+    print(f"acp-fleet: {text}", file=sys.stderr)
+
+
+def _table(view: Any) -> str:
+    """Render ``GET /v1/fleet`` for a terminal."""
+    lines = [
+        f"{'node':<24}{'beat':>8}{'sessions':>10}{'drain':>7}  pools (ready/target)"
+    ]
+    for node in view["nodes"]:
+        pools = ", ".join(
+            f"{name} {pool['ready']}/{pool['target']}"
+            + (" backing off" if pool["backing_off"] else "")
+            for name, pool in node["pools"].items()
+        )
+        lines.append(
+            f"{node['node']:<24}{node['heartbeat_age_ms'] / 1000:>7.1f}s"
+            f"{node['sessions']:>5}/{node['capacity']:<4}"
+            f"{'yes' if node['draining'] else 'no':>7}  {pools or '-'}"
+        )
+    queue = view["queue"]
+    wait_ms = queue["oldest_wait_ms"]
+    waited = "-" if wait_ms is None else f"{wait_ms / 1000:.1f}s"
+    lines.append(f"queue: {queue['depth']} waiting, oldest {waited}")
+    return "\n".join(lines)
+
+
+def _run_nodes(args: argparse.Namespace) -> int:
+    return _operator_call(args, "GET", "/v1/fleet")
+
+
+def _run_drain(args: argparse.Namespace) -> int:
+    method = "DELETE" if args.undo else "POST"
+    return _operator_call(args, method, f"/v1/nodes/{args.node}/drain")
 
 
 def _run_demo(args: argparse.Namespace) -> int:

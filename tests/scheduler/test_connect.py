@@ -92,3 +92,47 @@ class TestConnect:
         assert done.returncode == 2
         assert b"cannot reach http://127.0.0.1:1" in done.stderr
         assert b"Traceback" not in done.stderr
+
+
+class TestOperatorCommands:
+    def test_nodes_and_drain_speak_to_the_api(self, fleet: LocalFleet) -> None:
+        """'nodes' lists the worker; 'drain' and 'drain --undo' answer 0."""
+        env = {**os.environ, "ACP_FLEET_OPERATOR_KEY": fleet.operator_key}
+        node = fleet.settings.worker.node
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "shared.cli", *args, "--url", fleet.url],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=REPO,
+                timeout=60,
+                check=False,
+            )
+
+        listing = cli("nodes")
+        drained = cli("drain", node)
+        resumed = cli("drain", node, "--undo")
+
+        assert listing.returncode == 0, listing.stderr
+        assert node in listing.stdout
+        assert "queue:" in listing.stdout
+        assert (drained.returncode, resumed.returncode) == (0, 0)
+
+    def test_nodes_without_an_operator_key_explains(self, fleet: LocalFleet) -> None:
+        """Without a key the command says which variable to set."""
+        env = {k: v for k, v in os.environ.items() if k != "ACP_FLEET_OPERATOR_KEY"}
+
+        done = subprocess.run(
+            [sys.executable, "-m", "shared.cli", "nodes", "--url", fleet.url],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+
+        assert done.returncode == 2
+        assert "ACP_FLEET_OPERATOR_KEY" in done.stderr
