@@ -236,20 +236,14 @@ def _routes(app: FastAPI) -> None:
         node: str, fleet: FleetDep, authorization: AuthHeader = None
     ) -> FleetView:
         """Ask a node to stop claiming sessions; running ones finish."""
-        operator = fleet.auth.operator_for_key(_bearer(authorization))
-        await fleet.store.set_drain(_known_node(node), drain=True)
-        log.info("node.drain_requested", node=node, operator=operator)
-        return await _fleet_view(fleet)
+        return await _set_drain(fleet, node, authorization, drain=True)
 
     @app.delete("/v1/nodes/{node}/drain", response_model=FleetView)
     async def undrain_node(
         node: str, fleet: FleetDep, authorization: AuthHeader = None
     ) -> FleetView:
         """Let a drained node claim sessions again."""
-        operator = fleet.auth.operator_for_key(_bearer(authorization))
-        await fleet.store.set_drain(_known_node(node), drain=False)
-        log.info("node.drain_withdrawn", node=node, operator=operator)
-        return await _fleet_view(fleet)
+        return await _set_drain(fleet, node, authorization, drain=False)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -314,6 +308,15 @@ async def _check_cursor(store: SessionStore, session_id: str, cursor: str) -> No
 def _id_key(entry_id: str) -> tuple[int, int]:
     millis, _, seq = entry_id.partition("-")
     return int(millis), int(seq or 0)
+
+
+async def _set_drain(
+    fleet: Fleet, node: str, authorization: str | None, *, drain: bool
+) -> FleetView:
+    operator = fleet.auth.operator_for_key(_bearer(authorization))
+    await fleet.store.set_drain(_known_node(node), drain=drain)
+    log.info("node.drain_set", node=node, drain=drain, operator=operator)
+    return await _fleet_view(fleet)
 
 
 def _known_node(node: str) -> str:

@@ -59,14 +59,12 @@ class Authenticator:
         Raises:
             Unauthorized: the key is missing or unknown.
         """
-        org = self._orgs_by_digest.get(key_digest(api_key)) if api_key else None
-        if org is None:
-            raise Unauthorized(
-                "invalid_credentials",
-                "The API key is missing or unknown; send it as "
-                "'Authorization: Bearer <key>'.",
-            )
-        return org
+        return _holder(
+            self._orgs_by_digest,
+            api_key,
+            "invalid_credentials",
+            "The API key is missing or unknown",
+        )
 
     def operator_for_key(self, api_key: str | None) -> str:
         """Return the operator of an API key.
@@ -74,14 +72,12 @@ class Authenticator:
         Raises:
             Unauthorized: the key is missing or is no operator's.
         """
-        name = self._operators_by_digest.get(key_digest(api_key)) if api_key else None
-        if name is None:
-            raise Unauthorized(
-                "operator_required",
-                "This call needs an operator key; send it as "
-                "'Authorization: Bearer <key>'.",
-            )
-        return name
+        return _holder(
+            self._operators_by_digest,
+            api_key,
+            "operator_required",
+            "This call needs an operator key",
+        )
 
     def principal(self, credential: str | None) -> Principal:
         """Return who presents ``credential``: an org key or a session token."""
@@ -113,6 +109,14 @@ class Authenticator:
                 "invalid_token", "The session token is not valid for this fleet."
             ) from None
         return Principal(org=str(claims["org"]), session_id=str(claims["sub"]))
+
+
+def _holder(holders: dict[str, str], api_key: str | None, code: str, why: str) -> str:
+    """Return whose key ``api_key`` is, by its digest, or refuse with ``code``."""
+    holder = holders.get(key_digest(api_key)) if api_key else None
+    if holder is None:
+        raise Unauthorized(code, f"{why}; send it as 'Authorization: Bearer <key>'.")
+    return holder
 
 
 def require_session(

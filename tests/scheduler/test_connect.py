@@ -12,12 +12,12 @@ import pytest
 from shared.localfleet import REPO, LocalFleet
 
 
-def connect(
-    fleet: LocalFleet, stdin: object, *args: str
+def cli(
+    *args: str, env: dict[str, str], stdin: object = subprocess.DEVNULL
 ) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "ACP_FLEET_API_KEY": fleet.api_keys["acme"]}
+    """Run ``acp-fleet`` with ``args`` in ``env``."""
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "connect", "--url", fleet.url, *args],
+        [sys.executable, "-m", "shared.cli", *args],
         stdin=stdin,
         capture_output=True,
         env=env,
@@ -25,6 +25,14 @@ def connect(
         timeout=60,
         check=False,
     )
+
+
+def connect(
+    fleet: LocalFleet, stdin: object, *args: str
+) -> subprocess.CompletedProcess[bytes]:
+    """Run connect against ``fleet`` with acme's key."""
+    env = {**os.environ, "ACP_FLEET_API_KEY": fleet.api_keys["acme"]}
+    return cli("connect", "--url", fleet.url, *args, env=env, stdin=stdin)
 
 
 class TestConnect:
@@ -70,24 +78,9 @@ class TestConnect:
     ) -> None:
         """A scheduler that does not answer is named, without a traceback."""
         env = {**os.environ, "ACP_FLEET_API_KEY": "k"}
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "shared.cli",
-                "connect",
-                "--url",
-                "http://127.0.0.1:1",
-                "--profile",
-                "cat-exit",
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            env=env,
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
+        url = "http://127.0.0.1:1"
+
+        done = cli("connect", "--url", url, "--profile", "cat-exit", env=env)
 
         assert done.returncode == 2
         assert b"cannot reach http://127.0.0.1:1" in done.stderr
@@ -100,39 +93,20 @@ class TestOperatorCommands:
         env = {**os.environ, "ACP_FLEET_OPERATOR_KEY": fleet.operator_key}
         node = fleet.settings.worker.node
 
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "shared.cli", *args, "--url", fleet.url],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=REPO,
-                timeout=60,
-                check=False,
-            )
-
-        listing = cli("nodes")
-        drained = cli("drain", node)
-        resumed = cli("drain", node, "--undo")
+        listing = cli("nodes", "--url", fleet.url, env=env)
+        drained = cli("drain", node, "--url", fleet.url, env=env)
+        resumed = cli("drain", node, "--undo", "--url", fleet.url, env=env)
 
         assert listing.returncode == 0, listing.stderr
-        assert node in listing.stdout
-        assert "queue:" in listing.stdout
+        assert node.encode() in listing.stdout
+        assert b"queue:" in listing.stdout
         assert (drained.returncode, resumed.returncode) == (0, 0)
 
     def test_nodes_without_an_operator_key_explains(self, fleet: LocalFleet) -> None:
         """Without a key the command says which variable to set."""
         env = {k: v for k, v in os.environ.items() if k != "ACP_FLEET_OPERATOR_KEY"}
 
-        done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "nodes", "--url", fleet.url],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
+        done = cli("nodes", "--url", fleet.url, env=env)
 
         assert done.returncode == 2
-        assert "ACP_FLEET_OPERATOR_KEY" in done.stderr
+        assert b"ACP_FLEET_OPERATOR_KEY" in done.stderr
