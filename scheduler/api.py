@@ -153,7 +153,8 @@ def create_app(settings: FleetSettings) -> FastAPI:
         body = {"code": code, "message": str(exc.detail)}
         return JSONResponse({"error": body}, status_code=exc.status_code)
 
-    _routes(app)
+    for add_routes in (_session_routes, _operator_routes, _health_routes, _stdio_route):
+        add_routes(app)
     app.add_middleware(BodyLimit)
     return app
 
@@ -184,7 +185,7 @@ FleetDep = Annotated[Fleet, Depends(_fleet)]
 AuthHeader = Annotated[str | None, Header()]
 
 
-def _routes(app: FastAPI) -> None:
+def _session_routes(app: FastAPI) -> None:
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
     async def create_session(
         body: CreateSession, fleet: FleetDep, authorization: AuthHeader = None
@@ -223,6 +224,8 @@ def _routes(app: FastAPI) -> None:
         record = await fleet.store.record(session_id) or record
         return session_view(session_id, record)
 
+
+def _operator_routes(app: FastAPI) -> None:
     @app.get("/v1/fleet", response_model=FleetView)
     async def fleet_view(
         fleet: FleetDep, authorization: AuthHeader = None
@@ -245,6 +248,8 @@ def _routes(app: FastAPI) -> None:
         """Let a drained node claim sessions again."""
         return await _set_drain(fleet, node, authorization, drain=False)
 
+
+def _health_routes(app: FastAPI) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """The process is up."""
@@ -256,6 +261,8 @@ def _routes(app: FastAPI) -> None:
         await fleet.store.redis.ping()
         return {"status": "ready"}
 
+
+def _stdio_route(app: FastAPI) -> None:
     @app.websocket("/v1/sessions/{session_id}/stdio")
     async def stdio(
         ws: WebSocket,

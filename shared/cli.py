@@ -43,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_service_commands(commands)
+    _add_connect_command(commands)
+    _add_operator_commands(commands)
+    _add_demo_command(commands)
+
+    return parser
+
+
+def _add_service_commands(commands: Any) -> None:
+    """The scheduler and the worker, the fleet's two services."""
     scheduler = commands.add_parser(
         "scheduler",
         help="serve the HTTP API and the stdio gateway",
@@ -65,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(worker)
     worker.set_defaults(run=_run_worker)
 
+
+def _add_connect_command(commands: Any) -> None:
+    """The editor's agent command."""
     connect = commands.add_parser(
         "connect",
         help="speak ACP on stdin/stdout to an agent in the fleet",
@@ -92,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     connect.set_defaults(run=_run_connect)
 
+
+def _add_operator_commands(commands: Any) -> None:
+    """Operators' view of nodes and the queue."""
     nodes = commands.add_parser(
         "nodes",
         help="list worker nodes, their pools, and the queue",
@@ -115,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     drain.add_argument("--undo", action="store_true", help="let the node resume")
     drain.set_defaults(run=_run_drain)
 
+
+def _add_demo_command(commands: Any) -> None:
+    """The end-to-end demonstration."""
     demo = commands.add_parser(
         "demo",
         help="run a real ACP session through the whole fleet, then clean up",
@@ -127,8 +146,6 @@ def _parser() -> argparse.ArgumentParser:
         "--prompt", default="Say hello.", help="text of the session/prompt request"
     )
     demo.set_defaults(run=_run_demo)
-
-    return parser
 
 
 def _url_option(parser: argparse.ArgumentParser) -> None:
