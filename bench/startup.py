@@ -59,6 +59,30 @@ async def bare_start(runtime: DockerRuntime, spec: SandboxSpec, seccomp: str) ->
     return elapsed
 
 
+async def exec_start(runtime: DockerRuntime, container_id: str) -> float:
+    """docker exec into a running sandbox and read the first byte: the
+    alternative to the warm pool's launcher."""
+    container = runtime.docker.containers.container(container_id)
+    started = time.perf_counter()
+    execution = await container.exec(["sh", "-c", "echo ready"], user="1000:1000")
+    async with execution.start(detach=False) as stream:
+        await stream.read_out()
+    return time.perf_counter() - started
+
+
+async def exec_starts(
+    runtime: DockerRuntime, spec: SandboxSpec, seccomp: str, n: int
+) -> list[float]:
+    config = container_config(spec, fleet="bench", node="bench", seccomp=seccomp)
+    config = {**config, "Cmd": ["sleep", "3600"]}
+    container_id = await runtime.create(config, name=f"bench-exec-{time.time_ns()}")
+    try:
+        await runtime.start(container_id)
+        return [await exec_start(runtime, container_id) for _ in range(n)]
+    finally:
+        await runtime.remove(container_id)
+
+
 async def fleet_start(client: FleetClient, name: str) -> tuple[float, str]:
     """POST a session, attach, and wait for the agent's first byte.
 
@@ -142,9 +166,11 @@ async def measure(fleet: LocalFleet, sessions: int, size: int) -> list[str]:
         bare_burst = await asyncio.gather(
             *(bare_start(runtime, spec, seccomp) for _ in range(size))
         )
+        execs = await exec_starts(runtime, spec, seccomp, sessions)
     finally:
         await runtime.close()
     rows.append(row("docker create+attach+start", bare))
+    rows.append(row("docker exec in a running sandbox", execs, "no fleet hops"))
     async with FleetClient(fleet.url, fleet.api_key) as client:
         cold, ids = await sequential(sessions, lambda: fleet_start(client, "cold"))
         rows.append(row("fleet cold", cold, await starts_of(fleet, ids)))
