@@ -180,7 +180,9 @@ class TestWorkerLoss:
     async def test_sigkill_with_ten_sessions_ends_them_as_worker_lost(
         self, short_fleet: LocalFleet
     ) -> None:
-        """All ten end worker_lost within a lease, slots return, nothing is left."""
+        """C08: killed and restarted, the worker's ten sessions all end
+        worker_lost within a lease, slots return, nothing is left, and no
+        session ever had a second sandbox."""
         since = time.time()
         async with FleetClient(short_fleet.url, short_fleet.api_key) as client:
             created = [await client.create_session("sleep") for _ in range(10)]

@@ -91,6 +91,25 @@ class TestStdioRelay:
         assert ran.end["exit_code"] == 7
         assert ran.view["exit_code"] == 7
 
+    async def test_stdin_sent_before_the_agent_runs_arrives_in_order_once(
+        self, fleet: LocalFleet
+    ) -> None:
+        """300 stdin messages sent while the session waits for a worker are
+        delivered in order, each once."""
+        async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+            created = await client.create_session("cat-exit")
+            async with client.stdio(created["id"]) as stdio:
+                for index in range(300):
+                    await stdio.send(f"{index}\n".encode())
+                await stdio.send_eof()
+                output = b""
+                async for event in stdio.events():
+                    if isinstance(event, Output):
+                        output += event.data
+
+        expected = "".join(f"{index}\n" for index in range(300)) + "done\n"
+        assert output.decode() == expected
+
     async def test_huge_lines_arrive_and_endless_lines_end_the_session(
         self, fleet: LocalFleet
     ) -> None:
