@@ -19,6 +19,7 @@ from shared.errors import AdmissionRefused, InvalidRequest
 from shared.models import CreateSession, EndCause, Outcome, SessionCreated, SessionState
 from shared.settings import AgentProfile, FleetSettings
 from shared.store import SessionStore
+from shared.telemetry import scheduler_metrics
 
 log = structlog.get_logger("scheduler.admission")
 
@@ -76,6 +77,8 @@ class Admission:
             session_ttl_ms=slot_ttl_ms + profile.limits.lifetime_s * 1000 * 2,
             fields={"profile": request.profile, "limits": json.dumps(limits)},
         )
+        outcome = "admitted" if admission.admitted else admission.reason or "refused"
+        scheduler_metrics().admissions.add(1, {"outcome": outcome})
         if not admission.admitted:
             reason = admission.reason or "refused"
             log.info("session.refused", org=org, reason=reason)

@@ -14,7 +14,8 @@ import structlog
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from fastapi import Depends, FastAPI, Header, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +52,7 @@ from shared.models import (
 )
 from shared.settings import FleetSettings
 from shared.store import SessionStore
+from shared.telemetry import configure_metrics
 from shared.wire import parse_cursor
 
 log = structlog.get_logger("scheduler.api")
@@ -116,6 +118,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
             await arq.aclose()
             await blocking.aclose()
 
+    configure_metrics("acp-fleet-scheduler")
     app = FastAPI(
         title="ACP Fleet",
         version="1",
@@ -250,6 +253,11 @@ def _operator_routes(app: FastAPI) -> None:
 
 
 def _health_routes(app: FastAPI) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        """This replica's metrics, in Prometheus' text format."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """The process is up."""

@@ -77,6 +77,11 @@ class LocalFleet:
         """The settings every process of this fleet reads."""
         return load_settings(self.config_path)
 
+    @property
+    def worker_metrics_url(self) -> str:
+        """Where Prometheus would scrape this fleet's worker."""
+        return f"http://127.0.0.1:{self.settings.worker.metrics_port}/metrics"
+
     def log(self, name: str) -> str:
         """Return what process ``name`` wrote so far."""
         return (self.workdir / f"{name}.log").read_text(errors="replace")
@@ -175,7 +180,11 @@ def local_fleet(
             },
             "operators": {"ops": {"key_sha256": key_digest(operator_key)}},
             "scheduler": {"host": "127.0.0.1", "port": port, **(scheduler or {})},
-            "worker": {"node": "node-" + secrets.token_hex(3), **(worker or {})},
+            "worker": {
+                "node": "node-" + secrets.token_hex(3),
+                "metrics_port": free_port(),
+                **(worker or {}),
+            },
             "profiles": dict(profiles),
         }
         config_path = workdir / "fleet.toml"

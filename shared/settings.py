@@ -164,6 +164,9 @@ class WorkerConfig(_Strict):
     # Output no client has acknowledged, per session; past it the relay
     # stops reading from the agent until the client catches up.
     backlog_bytes: int = Field(8 * 1024**2, ge=64 * 1024)
+    # Prometheus scrapes the worker here; 0 turns the endpoint off.
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerConfig:

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -17,6 +18,7 @@ from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.settings import FleetSettings
 from shared.store import SessionStore
+from shared.telemetry import configure_metrics
 from worker.docker import DockerRuntime, seccomp_profile
 from worker.pool import WarmPool
 from worker.reconcile import Reconciler
@@ -218,6 +220,9 @@ async def _stop(ctx: dict[str, Any]) -> None:
 def run_worker(settings: FleetSettings) -> None:
     """Run the worker until SIGINT or SIGTERM."""
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    configure_metrics("acp-fleet-worker")
+    if settings.worker.metrics_port:
+        start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
     # arq binds its signal handlers to the loop current at construction.
     asyncio.set_event_loop(asyncio.new_event_loop())
     build_worker(settings).run()

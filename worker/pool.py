@@ -23,6 +23,7 @@ import structlog
 
 from shared.errors import SandboxError
 from shared.settings import AgentProfile, PoolConfig
+from shared.telemetry import worker_metrics
 from worker.docker import AttachedStdio, DockerRuntime, SandboxSpec, container_config
 
 log = structlog.get_logger("worker.pool")
@@ -192,6 +193,7 @@ class WarmPool:
 
     def _failed(self, exc: Exception) -> None:
         self.stats.refill_failures += 1
+        worker_metrics().pool_refill_failures.add(1, {"pool": self.name})
         self._failures += 1
         if self._failures < self.config.failures_before_backoff:
             log.warning("pool.refill_failed", pool=self.name, error=str(exc))

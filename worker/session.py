@@ -24,6 +24,7 @@ from shared.keys import RETENTION_MS
 from shared.models import EndCause, Outcome
 from shared.settings import FleetSettings
 from shared.store import Claim, Renewal, SessionStore
+from shared.telemetry import worker_metrics
 from worker.acp import AcpGuard
 from worker.docker import (
     AttachedStdio,
@@ -40,6 +41,12 @@ log = structlog.get_logger("worker.session")
 # After the attach stream ends, the exit state is normally known within
 # milliseconds; past this the relay reports the Engine as stuck.
 _EXIT_WAIT_S = 30.0
+METRICS = worker_metrics()
+_OUT_ATTRIBUTES = {
+    b"o": {"direction": "out", "stream": "stdout"},
+    b"e": {"direction": "out", "stream": "stderr"},
+}
+_IN_ATTRIBUTES = {"direction": "in", "stream": "stdin"}
 # The idle timer looks at most this often; idle timeouts are minutes.
 _IDLE_CHECK_S = 5.0
 
@@ -143,6 +150,9 @@ class SessionRun:
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_stdio = time.monotonic()
         self._started = False
+        self._start_kind = "cold"
+        self._claimed_at = time.monotonic()
+        self._ready_at = self._claimed_at
 
     async def run(self) -> Outcome:
         """Run the sandbox and return how the session ended."""
@@ -229,7 +239,10 @@ class SessionRun:
         pool = self.runner.pools.get(self.profile_name)
         if pool is None or self.limits != self.profile.limits:
             return None
-        return pool.take()
+        member = pool.take()
+        outcome = "miss" if member is None else "hit"
+        METRICS.pool_claims.add(1, {"pool": self.profile_name, "outcome": outcome})
+        return member
 
     async def _start_warm(self, member: Member) -> None:
         self.container_id, self.stdio = member.container_id, member.stdio
@@ -242,8 +255,23 @@ class SessionRun:
         )
         # The launcher reads this one line, then becomes the agent.
         await self.stdio.write(launch_spec(self.claim.env))
+        await self._mark_running("warm")
+
+    async def _mark_running(self, start: str) -> None:
         self._started = True
+        self._start_kind = start
+        self._ready_at = time.monotonic()
         await self._update({"state": "running", "sandbox_ready_ms": "now"})
+        METRICS.starts.add(1, {"start": start, "profile": self.profile_name})
+        METRICS.running.add(1)
+        record = self.claim.record
+        queue_s = (int(record["claimed_ms"]) - int(record["admitted_ms"])) / 1000
+        self._phase("queue", queue_s)
+        self._phase("sandbox", self._ready_at - self._claimed_at)
+
+    def _phase(self, phase: str, seconds: float) -> None:
+        attributes = {"phase": phase, "start": self._start_kind}
+        METRICS.startup.record(seconds, attributes)
 
     async def _create(self, spec: SandboxSpec) -> None:
         config = container_config(
@@ -267,8 +295,7 @@ class SessionRun:
         # Attach before start, so not one byte of early output is missed.
         self.stdio = await self.runtime.attach(self.container_id)
         await self.runtime.start(self.container_id)
-        self._started = True
-        await self._update({"state": "running", "sandbox_ready_ms": "now"})
+        await self._mark_running("cold")
 
     async def _relay(self) -> ExitState | None:
         """Carry stdio both ways until the sandbox stops; return its exit."""
@@ -333,8 +360,11 @@ class SessionRun:
             self._lose_lease()
             return
         await self._wait_for_client(backlog)
+        for name, data in entries:
+            METRICS.relayed_bytes.add(len(data), _OUT_ATTRIBUTES[name])
         if not self._first_byte and any(name == b"o" for name, _ in entries):
             self._first_byte = True
+            self._phase("first_byte", time.monotonic() - self._ready_at)
             await self._update({"first_byte_ms": "now"})
 
     async def _wait_for_client(self, backlog_bytes: int) -> None:
@@ -386,6 +416,7 @@ class SessionRun:
                 self._last_stdio = time.monotonic()
                 await self._write(guard.feed(data) if guard else data)
                 consumed += len(data)
+                METRICS.relayed_bytes.add(len(data), _IN_ATTRIBUTES)
             await self.store.consumed_stdin(self.session_id, cursor, consumed)
 
     async def _write(self, data: bytes) -> None:
@@ -514,6 +545,9 @@ class SessionRun:
             raise LeaseLost(self.session_id)
 
     async def _cleanup(self, outcome: Outcome) -> None:
+        METRICS.ends.add(1, {"cause": outcome.cause.value})
+        if self._started:
+            METRICS.running.add(-1)
         if self.stdio is not None:
             self.stdio.abort()
         if self.container_id is not None:

@@ -1,0 +1,66 @@
+"""The Prometheus endpoints of a running fleet count what happened."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.localfleet import LocalFleet
+from tests.sandboxes import run_session
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample at ``url``, keyed by name and labels."""
+    text = httpx.get(url, timeout=10).text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = frozenset(
+                (k, v)
+                for k, v in sample.labels.items()
+                if not k.startswith("otel_")
+                and k not in ("job", "instance", "service_name")
+            )
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples named ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+class TestMetrics:
+    async def test_session_ends_starts_and_admissions_are_counted(
+        self, fleet: LocalFleet
+    ) -> None:
+        """One OOM session and one exit are counted once each, by cause."""
+        worker_before = scrape(fleet.worker_metrics_url)
+        scheduler_before = scrape(f"{fleet.url}/metrics")
+
+        await run_session(fleet, "oom")
+        await run_session(fleet, "exit3")
+        worker_after = scrape(fleet.worker_metrics_url)
+        scheduler_after = scrape(f"{fleet.url}/metrics")
+
+        def delta(name: str, **labels: str) -> float:
+            return value(worker_after, name, **labels) - value(
+                worker_before, name, **labels
+            )
+
+        assert delta("fleet_session_ends_total", cause="oom_killed") == 1
+        assert delta("fleet_session_ends_total", cause="agent_exit") == 1
+        assert delta("fleet_session_starts_total", start="cold") == 2
+        assert delta("fleet_session_startup_duration_seconds_count", phase="queue") == 2
+        assert (
+            delta("fleet_session_startup_duration_seconds_count", phase="sandbox") == 2
+        )
+        admitted = value(scheduler_after, "fleet_admissions_total", outcome="admitted")
+        assert (
+            admitted
+            - value(scheduler_before, "fleet_admissions_total", outcome="admitted")
+            == 2
+        )
