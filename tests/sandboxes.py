@@ -70,6 +70,10 @@ PROFILES: dict[str, Any] = {
     "probe": busybox_profile(C07_PROBE + "; " + C07_PROBE),
     "wait-stdin": busybox_profile("cat", memory="1g"),
     "yes": busybox_profile("yes"),
+    "secret": {
+        **busybox_profile('test -n "$TOKEN" && cat'),
+        "env_allowed": ["TOKEN"],
+    },
 }
 
 
@@ -91,12 +95,13 @@ async def run_session(
     stdin: bytes = b"",
     eof: bool = True,
     limits: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
     org: str = "acme",
     timeout_s: float = 60,
 ) -> Ran:
     """Create a session, feed it ``stdin`` (then EOF), collect all it says."""
     async with FleetClient(fleet.url, fleet.api_keys[org]) as client:
-        created = await client.create_session(profile, limits=limits)
+        created = await client.create_session(profile, limits=limits, env=env)
         ran = Ran(session_id=created["id"])
         async with client.stdio(created["id"]) as stdio:
             if stdin:

@@ -1,6 +1,9 @@
-"""The Prometheus endpoints of a running fleet count what happened."""
+"""What operators read: Prometheus endpoints and logs of a running fleet."""
 
 from __future__ import annotations
+
+import json
+import secrets
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -64,3 +67,42 @@ class TestMetrics:
             - value(scheduler_before, "fleet_admissions_total", outcome="admitted")
             == 2
         )
+
+
+class TestLogs:
+    async def test_secrets_and_payloads_reach_no_log_line(
+        self, fleet: LocalFleet
+    ) -> None:
+        """A session's secret variable and its stdio appear in no log."""
+        secret = "sk-" + secrets.token_hex(16)
+        payload = "payload-" + secrets.token_hex(16)
+
+        ran = await run_session(
+            fleet, "secret", env={"TOKEN": secret}, stdin=f"{payload}\n".encode()
+        )
+
+        assert ran.stdout == f"{payload}\n".encode()
+        logs = fleet.log("worker") + fleet.log("scheduler")
+        assert ran.session_id in logs
+        assert secret not in logs
+        assert payload not in logs
+
+    async def test_each_session_ends_with_one_summary_line(
+        self, fleet: LocalFleet
+    ) -> None:
+        """The worker logs one session.ended line with cause and phase times."""
+        ran = await run_session(fleet, "exit3")
+
+        lines = [
+            json.loads(line)
+            for line in fleet.log("worker").splitlines()
+            if ran.session_id in line and '"session.ended"' in line
+        ]
+
+        assert len(lines) == 1
+        summary = lines[0]
+        assert (summary["cause"], summary["exit_code"]) == ("agent_exit", 3)
+        assert summary["start"] == "cold"
+        assert summary["queue_ms"] >= 0
+        assert summary["sandbox_ms"] > 0
+        assert summary["life_ms"] >= summary["sandbox_ms"]

@@ -153,6 +153,7 @@ class SessionRun:
         self._start_kind = "cold"
         self._claimed_at = time.monotonic()
         self._ready_at = self._claimed_at
+        self._phase_ms: dict[str, int] = {}
 
     async def run(self) -> Outcome:
         """Run the sandbox and return how the session ended."""
@@ -270,6 +271,7 @@ class SessionRun:
         self._phase("sandbox", self._ready_at - self._claimed_at)
 
     def _phase(self, phase: str, seconds: float) -> None:
+        self._phase_ms[f"{phase}_ms"] = round(seconds * 1000)
         attributes = {"phase": phase, "start": self._start_kind}
         METRICS.startup.record(seconds, attributes)
 
@@ -570,6 +572,8 @@ class SessionRun:
             # session as worker_lost.
             log.exception("session.finish_failed", cause=outcome.cause.value)
             return
+        # The one summary line per session: how it ended and how long each
+        # phase took.
         log.info(
             "session.ended",
             ended=ended,
@@ -577,6 +581,9 @@ class SessionRun:
             exit_code=outcome.exit_code,
             oom_killed=outcome.oom_killed,
             kill_signal=outcome.kill_signal,
+            start=self._start_kind if self._started else None,
+            **self._phase_ms,
+            life_ms=round((time.monotonic() - self._claimed_at) * 1000),
         )
 
 
