@@ -251,18 +251,20 @@ class SessionRun:
         structlog.contextvars.bind_contextvars(
             container_id=self.container_id[:12], image_digest=digest
         )
-        await self._update(
-            {"container_id": self.container_id, "image_digest": digest, "start": "warm"}
-        )
-        # The launcher reads this one line, then becomes the agent.
+        # The launcher reads this one line, then becomes the agent; the
+        # record is written once, after, to keep the warm path to one call.
         await self.stdio.write(launch_spec(self.claim.env))
-        await self._mark_running("warm")
+        await self._mark_running(
+            "warm", container_id=self.container_id, image_digest=digest
+        )
 
-    async def _mark_running(self, start: str) -> None:
+    async def _mark_running(self, start: str, **fields: str) -> None:
         self._started = True
         self._start_kind = start
         self._ready_at = time.monotonic()
-        await self._update({"state": "running", "sandbox_ready_ms": "now"})
+        await self._update(
+            {**fields, "start": start, "state": "running", "sandbox_ready_ms": "now"}
+        )
         METRICS.starts.add(1, {"start": start, "profile": self.profile_name})
         METRICS.running.add(1)
         record = self.claim.record
@@ -288,9 +290,7 @@ class SessionRun:
         structlog.contextvars.bind_contextvars(
             container_id=self.container_id[:12], image_digest=digest
         )
-        await self._update(
-            {"container_id": self.container_id, "image_digest": digest, "start": "cold"}
-        )
+        await self._update({"container_id": self.container_id, "image_digest": digest})
 
     async def _start(self) -> None:
         assert self.container_id is not None
