@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import structlog
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from fastapi import Depends, FastAPI, Header, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -57,6 +57,7 @@ from shared.wire import parse_cursor
 
 log = structlog.get_logger("scheduler.api")
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
+_REDIS_TIMEOUT_S = 5.0
 _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -98,7 +99,13 @@ def create_app(settings: FleetSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        # A Redis that hangs must not hang the API: every command gives up
+        # after a few seconds and the request is answered 503.
+        arq = ArqRedis.from_url(
+            settings.redis_url,
+            socket_timeout=_REDIS_TIMEOUT_S,
+            socket_connect_timeout=2,
+        )
         blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
         app.state.fleet = Fleet(settings, arq, blocking)
         sweeper = asyncio.create_task(_sweep_lapsed(app.state.fleet))
@@ -329,17 +336,11 @@ async def _set_drain(
     fleet: Fleet, node: str, authorization: str | None, *, drain: bool
 ) -> FleetView:
     operator = fleet.auth.operator_for_key(_bearer(authorization))
-    await fleet.store.set_drain(_known_node(node), drain=drain)
+    if not _NODE_NAME.fullmatch(node) or not await fleet.store.node_known(node):
+        raise NotFound("node_not_found", f"No node {node!r} has sent a heartbeat.")
+    await fleet.store.set_drain(node, drain=drain)
     log.info("node.drain_set", node=node, drain=drain, operator=operator)
     return await _fleet_view(fleet)
-
-
-def _known_node(node: str) -> str:
-    if not _NODE_NAME.fullmatch(node):
-        raise InvalidRequest(
-            "invalid_node", f"{node!r} is not a node name.", field="node"
-        )
-    return node
 
 
 async def _fleet_view(fleet: Fleet) -> FleetView:

@@ -15,7 +15,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosedOK
 
-from shared.wire import Output, decode_output
+from shared.wire import MAX_STDIN_MESSAGE_BYTES, Output, decode_output
 
 # Acknowledging in steps of this size keeps the relay's backlog well under
 # its bound while costing one small message per 256 KiB of output.
@@ -187,7 +187,8 @@ class Stdio:
         sent after that has no agent to read it and is not an error.
         """
         with contextlib.suppress(ConnectionClosedOK):
-            await self.ws.send(data)
+            for start in range(0, len(data), MAX_STDIN_MESSAGE_BYTES):
+                await self.ws.send(data[start : start + MAX_STDIN_MESSAGE_BYTES])
 
     async def send_eof(self) -> None:
         """Close the agent's stdin."""

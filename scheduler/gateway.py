@@ -144,8 +144,11 @@ async def _control(
 async def _ack(
     ws: WebSocket, store: SessionStore, session_id: str, cursor: object
 ) -> None:
+    if not isinstance(cursor, str) or not cursor:
+        await _refuse_message(ws, "invalid_cursor", 'An ack needs a "cursor".')
+        return
     try:
-        position = parse_cursor(cursor if isinstance(cursor, str) else None)
+        position = parse_cursor(cursor)
     except ValueError as exc:
         await _refuse_message(ws, "invalid_cursor", str(exc))
         return

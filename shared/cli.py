@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.wire import MAX_STDIN_MESSAGE_BYTES
 
 _DESCRIPTION = """\
 Run ACP coding agents in hardened Docker sandboxes.
@@ -172,25 +173,38 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     from shared.settings import load_settings
 
     settings = load_settings(args.config)
+    listen = {"host": args.host, "port": args.port}
+    overrides = {name: value for name, value in listen.items() if value is not None}
+    scheduler = settings.scheduler.model_copy(update=overrides)
+    settings = settings.model_copy(update={"scheduler": scheduler})
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     uvicorn.run(
         create_app(settings),
-        host=args.host or settings.scheduler.host,
-        port=args.port if args.port is not None else settings.scheduler.port,
+        host=scheduler.host,
+        port=scheduler.port,
         log_level="warning",
         # Longer than clients' usual idle reuse, so that a kept-alive
         # connection is rarely closed under a request.
         timeout_keep_alive=75,
-        ws_max_size=64 * 1024 * 1024,
+        # Stdin arrives in messages of at most this; the client splits more.
+        ws_max_size=MAX_STDIN_MESSAGE_BYTES,
     )
     return 0
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from shared.errors import SandboxError
     from shared.settings import load_settings
     from worker.main import run_worker
 
-    run_worker(load_settings(args.config))
+    settings = load_settings(args.config)
+    try:
+        run_worker(settings)
+    except (RedisError, SandboxError, OSError) as exc:
+        _complain(f"worker cannot run: {exc}")
+        return 1
     return 0
 
 

@@ -14,6 +14,9 @@ RATE_WINDOW_MS = 60_000
 # An ended session's record and streams stay this long for status reads
 # and for a client that reconnects to collect the tail of the output.
 RETENTION_MS = 24 * 3600 * 1000
+# An ended session's output stays this long for a client to collect its
+# tail; shorter than the record, since unread output can be megabytes.
+OUTPUT_RETENTION_MS = 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -310,10 +313,10 @@ redis.call('ZREM', KEYS[3], sid)
 redis.call('ZREM', KEYS[4], sid)
 redis.call('ZREM', KEYS[5], sid)
 redis.call('XADD', KEYS[6], '*', 'end', ARGV[4])
-local retention = tonumber(ARGV[3])
-for _, key in ipairs({KEYS[2], KEYS[6], KEYS[7]}) do
-  redis.call('PEXPIRE', key, retention)
-end
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[6], {output_retention})
+-- No agent reads stdin any more: what is left of it goes now.
+redis.call('DEL', KEYS[7])
 return 1
-"""
+""".replace("{output_retention}", str(OUTPUT_RETENTION_MS))
 )

@@ -6,7 +6,7 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.errors import InvalidRequest
 from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
@@ -47,8 +47,8 @@ class LimitsRequest(BaseModel):
     memory: str | int | None = None
     cpus: float | str | None = None
     pids: int | str | None = None
-    lifetime_s: int | None = Field(None, gt=0)
-    idle_timeout_s: int | None = Field(None, gt=0)
+    lifetime_s: int | None = Field(None, gt=0, strict=True)
+    idle_timeout_s: int | None = Field(None, gt=0, strict=True)
 
     def parsed(self) -> dict[str, int]:
         """Return the given limits in the units the profile stores.
@@ -91,6 +91,16 @@ class CreateSession(BaseModel):
         Annotated[str, Field(max_length=32 * 1024)],
     ] = Field(default_factory=dict, max_length=64)
     limits: LimitsRequest = Field(default_factory=LimitsRequest)
+
+    @field_validator("env")
+    @classmethod
+    def _no_nul(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if "\0" in name or "\0" in value:
+                raise ValueError(
+                    f"env {name!r} contains a NUL byte, which no environment can hold"
+                )
+        return env
 
 
 class SessionCreated(BaseModel):

@@ -72,7 +72,7 @@ class PoolConfig(_Strict):
     max_age_s: int = Field(3600, ge=10)
     # Consecutive failed refills before the pool backs off to cold starts.
     failures_before_backoff: int = Field(3, ge=1)
-    backoff_max_s: float = Field(300.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0, le=24 * 3600)
     # Refills wait for this long a pause in claims, unless the pool is down
     # to a quarter: a container start costs the CPU that claims need.
     refill_quiet_ms: int = Field(250, ge=0)

@@ -429,6 +429,10 @@ class SessionStore:
             depth, oldest = await pipe.execute()
         return int(depth), (int(oldest[0][1]) if oldest else None)
 
+    async def node_known(self, node: str) -> bool:
+        """True when ``node`` has sent a heartbeat recently enough to list."""
+        return await self.redis.zscore(self.keys.nodes, node) is not None
+
     async def set_drain(self, node: str, *, drain: bool) -> None:
         """Ask a node to stop claiming sessions, or to resume; the request
         stands until an operator withdraws it."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+# The largest WebSocket message a client may send; bigger stdin is split.
+MAX_STDIN_MESSAGE_BYTES = 1024 * 1024
 STDOUT = 1
 STDERR = 2
 _HEADER = struct.Struct(">BQQ")

@@ -295,6 +295,17 @@ class DockerRuntime:
             f"check in {container_id} timed out", container_id=container_id
         )
 
+    async def running(self, container_id: str) -> bool:
+        """True while Docker reports the container running."""
+        container = self.docker.containers.container(container_id)
+        try:
+            info = await self._call(container.show(), container_id=container_id)
+        except SandboxError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return bool(info["State"].get("Running"))
+
     async def kill(self, container_id: str, signal: str) -> bool:
         """Send ``signal``; False when the container was no longer running."""
         container = self.docker.containers.container(container_id)

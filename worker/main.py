@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.errors import SandboxError
 from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.settings import FleetSettings
@@ -136,7 +137,14 @@ async def _resolve_images(runtime: DockerRuntime, settings: FleetSettings) -> Im
     """Pin each profile's image to what it names now, for the worker's life."""
     images = Images()
     for name, profile in settings.profiles.items():
-        digest = await runtime.image_digest(profile.image)
+        try:
+            digest = await runtime.image_digest(profile.image)
+        except SandboxError as exc:
+            raise SandboxError(
+                f"profile {name!r}: image {profile.image!r} is not on this "
+                f"node ({exc}); build or load it first",
+                status=exc.status,
+            ) from exc
         images.digests[name] = digest
         # A local image with no repository digest is pinned by its id.
         images.refs[name] = digest if digest.startswith("sha256:") else profile.image

@@ -120,7 +120,7 @@ class WarmPool:
                 self.stats.hits += 1
                 self._wanted.set()
                 return member
-            self._discard(member)
+            self.discard(member)
         self.stats.misses += 1
         self._wanted.set()
         return None
@@ -198,7 +198,9 @@ class WarmPool:
         if self._failures < self.config.failures_before_backoff:
             log.warning("pool.refill_failed", pool=self.name, error=str(exc))
             return
-        exponent = self._failures - self.config.failures_before_backoff
+        # The exponent is capped, since 2 ** exponent would overflow a float
+        # after a thousand failures.
+        exponent = min(self._failures - self.config.failures_before_backoff, 30)
         delay_s = min(self.config.backoff_max_s, _BACKOFF_BASE_S * 2**exponent)
         self._backoff_until = time.monotonic() + delay_s
         log.warning(
@@ -267,9 +269,10 @@ class WarmPool:
 
     def _retire_aged(self) -> None:
         while self.ready and not self._usable(self.ready[0]):
-            self._discard(self.ready.popleft())
+            self.discard(self.ready.popleft())
 
-    def _discard(self, member: Member) -> None:
+    def discard(self, member: Member) -> None:
+        """Destroy a member found unusable."""
         member.stdio.abort()
         task = asyncio.create_task(self._remove(member.container_id))
         task.add_done_callback(lambda _: None)

@@ -180,7 +180,7 @@ class SessionRun:
     async def _run_sandbox(self) -> Outcome:
         try:
             spec = self._spec()
-            member = self._warm_member()
+            member = await self._warm_member()
             if member is not None:
                 await self._start_warm(member)
             else:
@@ -234,13 +234,20 @@ class SessionRun:
             env=self.claim.env,
         )
 
-    def _warm_member(self) -> Member | None:
+    async def _warm_member(self) -> Member | None:
         """A ready sandbox of the profile, unless the session narrowed limits
         (members run with the profile's) or the pool has none."""
         pool = self.runner.pools.get(self.profile_name)
         if pool is None or self.limits != self.profile.limits:
             return None
         member = pool.take()
+        # The socket shows a member's death only once its end is read; one
+        # look at Docker (a few ms) keeps a killed member from being used.
+        while member is not None and not await self.runtime.running(
+            member.container_id
+        ):
+            pool.discard(member)
+            member = pool.take()
         outcome = "miss" if member is None else "hit"
         METRICS.pool_claims.add(1, {"pool": self.profile_name, "outcome": outcome})
         return member
@@ -470,13 +477,25 @@ class SessionRun:
     async def _heartbeat(self) -> None:
         """Renew the lease; stop the sandbox as soon as it is lost."""
         worker = self.settings.worker
+        interval_s, lease_s = worker.heartbeat_ms / 1000, worker.lease_ms / 1000
+        # The lease is known to hold until this local deadline; past it this
+        # worker cannot prove it owns the session, so it must stop, even if
+        # Redis never answers to say so.
+        held_until = self._claimed_at + lease_s
         while True:
-            await asyncio.sleep(worker.heartbeat_ms / 1000)
+            await asyncio.sleep(interval_s)
+            sent_at = time.monotonic()
             try:
-                renewal = await self.store.renew(self.claim, worker.lease_ms)
-            except RedisError:
+                renewal = await asyncio.wait_for(
+                    self.store.renew(self.claim, worker.lease_ms), interval_s
+                )
+            except (RedisError, TimeoutError):
                 log.warning("session.heartbeat_failed", exc_info=True)
+                if time.monotonic() >= held_until:
+                    self._lose_lease()
+                    return
                 continue
+            held_until = sent_at + lease_s
             if renewal is Renewal.LOST:
                 self._lose_lease()
                 return

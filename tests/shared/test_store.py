@@ -337,6 +337,15 @@ class TestFinish:
         assert (await admit(store, "s4")).admitted
         assert await store.redis.zcard(KEYS.org_slots("acme")) == 2
 
+    async def test_finish_drops_unread_stdin(self, store: SessionStore) -> None:
+        """Stdin no agent will read is deleted when the session ends."""
+        claim = await admitted_and_claimed(store, "s1")
+        await store.write_stdin("s1", "d", b"never read")
+
+        await store.finish("s1", org="acme", expect=claim.token, outcome=EXIT_7)
+
+        assert await store.redis.exists(KEYS.stdin("s1")) == 0
+
     async def test_finish_closes_stdout(self, store: SessionStore) -> None:
         """One end entry carrying the outcome closes the stdout stream."""
         claim = await admitted_and_claimed(store, "s1")

@@ -341,3 +341,14 @@ class TestOperators:
         assert listing.status_code == 401
         assert listing.json()["error"]["code"] == "operator_required"
         assert drain.status_code == 401
+
+    async def test_draining_an_unknown_node_is_refused(
+        self, short_fleet: LocalFleet
+    ) -> None:
+        """A node that never sent a heartbeat is a 404, not a silent drain."""
+        ops = {"Authorization": f"Bearer {short_fleet.operator_key}"}
+        async with httpx.AsyncClient(base_url=short_fleet.url, headers=ops) as http:
+            refused = await http.post("/v1/nodes/typo-node/drain")
+
+        assert refused.status_code == 404
+        assert refused.json()["error"]["code"] == "node_not_found"

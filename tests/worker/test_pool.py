@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -74,6 +75,28 @@ async def session_field(fleet: LocalFleet, session_id: str, name: str) -> str:
         return str(await redis.hget(key, name))
 
 
+def kill_members(fleet: LocalFleet, pool: str) -> list[str]:
+    """SIGKILL every waiting member of ``pool`` behind the worker's back."""
+    node = fleet.settings.worker.node
+    listed = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "-q",
+            "--filter",
+            f"label=io.acp-fleet.node={node}",
+            "--filter",
+            f"label=io.acp-fleet.pool={pool}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    members = listed.stdout.split()
+    subprocess.run(["docker", "kill", *members], capture_output=True, check=True)
+    return members
+
+
 async def talk(fleet: LocalFleet, env: dict[str, str]) -> tuple[str, bytes, Any]:
     async with FleetClient(fleet.url, fleet.api_key) as client:
         created = await client.create_session("echo", env=env)
@@ -114,6 +137,19 @@ class TestWarmPool:
         assert starts == ["warm"] * 3
         assert state["hits"] >= 4
         assert state["refill_failures"] == 0
+
+    async def test_a_member_killed_from_outside_is_never_handed_out(
+        self, pooled: LocalFleet
+    ) -> None:
+        """Members killed behind the pool's back do not fail the next session."""
+        await wait_pool(pooled, "echo", ready=3, hits=4)
+        members = kill_members(pooled, "echo")
+
+        _, output, end = await talk(pooled, {"GREETING": "again"})
+
+        assert len(members) >= 3
+        assert output == b"ready again\nover\n"
+        assert (end.cause, end.exit_code) == ("agent_exit", 0)
 
     async def test_a_narrowed_session_starts_cold(self, pooled: LocalFleet) -> None:
         """Members run with the profile's limits; a narrower session does not
