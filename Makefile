@@ -1,5 +1,5 @@
 # The two commands of the README, and the benchmark.
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench bench-relay lint
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,9 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/startup.py
+
+bench-relay: setup
+	.venv/bin/python bench/relay.py
 
 lint:
 	.venv/bin/ruff check .

@@ -1,0 +1,167 @@
+"""Relay cost: the fleet's stdio path against a direct Docker attach.
+
+Round trip of a 200-byte line through ``cat`` in a sandbox, and throughput
+of 64 MiB of agent output, each measured through the whole fleet (client
+WebSocket, scheduler, Redis streams, worker) and straight over an attach
+socket to a container of the same image, in one run.
+
+    .venv/bin/python bench/relay.py [--round-trips 500] [--mib 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from typing import Any
+
+from scheduler.client import End, FleetClient
+from shared.localfleet import local_fleet
+from shared.settings import load_settings
+from shared.wire import Output
+from worker.docker import DockerRuntime, SandboxSpec, container_config, seccomp_profile
+from worker.frames import FrameDecoder
+
+IMAGE = "acp-fleet/busybox:test"
+LINE = b"x" * 199 + b"\n"
+
+
+def flood(size: int) -> str:
+    """ACP-like output: ``size`` bytes in 200-byte lines."""
+    return f"yes {'x' * 199} | head -c {size}"
+
+
+def profile(script: str) -> dict[str, Any]:
+    return {
+        "image": IMAGE,
+        "command": ["sh", "-c", script],
+        "protocol": "raw",
+        "limits": {"memory": "256m", "cpus": 1, "pids": 64},
+    }
+
+
+async def direct(
+    runtime: DockerRuntime, spec: SandboxSpec, script: str, feed: bytes | None
+) -> tuple[Any, str]:
+    config = container_config(
+        spec, fleet="bench", node="bench", seccomp=seccomp_profile()
+    )
+    config = {**config, "Cmd": ["sh", "-c", script]}
+    container_id = await runtime.create(config, name=f"bench-relay-{time.time_ns()}")
+    stdio = await runtime.attach(container_id)
+    await runtime.start(container_id)
+    return stdio, container_id
+
+
+async def direct_round_trips(
+    runtime: DockerRuntime, spec: SandboxSpec, n: int
+) -> list[float]:
+    stdio, container_id = await direct(runtime, spec, "cat", None)
+    decoder, samples = FrameDecoder(), []
+    try:
+        for _ in range(n):
+            started = time.perf_counter()
+            await stdio.write(LINE)
+            got = 0
+            while got < len(LINE):
+                got += sum(len(d) for _, d in decoder.feed(await stdio.read()))
+            samples.append(time.perf_counter() - started)
+    finally:
+        stdio.abort()
+        await runtime.remove(container_id)
+    return samples
+
+
+async def direct_throughput(
+    runtime: DockerRuntime, spec: SandboxSpec, size: int
+) -> float:
+    stdio, container_id = await direct(runtime, spec, flood(size), None)
+    decoder, got = FrameDecoder(), 0
+    started = time.perf_counter()
+    try:
+        while chunk := await stdio.read():
+            got += sum(len(d) for _, d in decoder.feed(chunk))
+    finally:
+        stdio.abort()
+        await runtime.remove(container_id)
+    assert got == size, f"read {got} of {size} bytes"
+    return size / (time.perf_counter() - started)
+
+
+async def fleet_round_trips(client: FleetClient, n: int) -> list[float]:
+    created = await client.create_session("cat")
+    samples = []
+    async with client.stdio(created["id"]) as stdio:
+        events = stdio.events()
+        for _ in range(n):
+            started = time.perf_counter()
+            await stdio.send(LINE)
+            got = 0
+            while got < len(LINE):
+                event = await anext(events)
+                if isinstance(event, Output):
+                    got += len(event.data)
+            samples.append(time.perf_counter() - started)
+        await stdio.send_eof()
+    return samples
+
+
+async def fleet_throughput(client: FleetClient, size: int) -> float:
+    created = await client.create_session("flood")
+    got, started = 0, None
+    async with client.stdio(created["id"]) as stdio:
+        async for event in stdio.events():
+            if isinstance(event, Output):
+                started = started or time.perf_counter()
+                got += len(event.data)
+            elif isinstance(event, End):
+                break
+    assert got == size, f"read {got} of {size} bytes"
+    assert started is not None
+    return size / (time.perf_counter() - started)
+
+
+async def measure(fleet: Any, n: int, size: int) -> list[str]:
+    settings = load_settings(fleet.config_path)
+    runtime = DockerRuntime(settings.worker.docker_url)
+    await runtime.open()
+    cat = settings.profiles["cat"]
+    spec = SandboxSpec("bench", "cat", cat, cat.limits, IMAGE)
+    try:
+        direct_rt = await direct_round_trips(runtime, spec, n)
+        direct_mbs = await direct_throughput(runtime, spec, size) / 1e6
+    finally:
+        await runtime.close()
+    async with FleetClient(fleet.url, fleet.api_key) as client:
+        fleet_rt = await fleet_round_trips(client, n)
+        fleet_mbs = await fleet_throughput(client, size) / 1e6
+    direct_ms = statistics.median(direct_rt) * 1000
+    fleet_ms = statistics.median(fleet_rt) * 1000
+    added_ms, ratio = fleet_ms - direct_ms, fleet_mbs / direct_mbs
+    return [
+        f"{'200-byte line round trip, median':<40}"
+        f"{direct_ms:>10.3f} ms{fleet_ms:>10.3f} ms   added {added_ms:.3f} ms",
+        f"{f'{size >> 20} MiB of output, 200-byte lines':<40}"
+        f"{direct_mbs:>7.1f} MB/s{fleet_mbs:>7.1f} MB/s   ratio {ratio:.2f}",
+        "targets: added median latency < 0.5 ms; throughput ratio >= 0.5",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--round-trips", type=int, default=500)
+    parser.add_argument("--mib", type=int, default=64)
+    args = parser.parse_args()
+    size = args.mib << 20
+    profiles = {"cat": profile("cat"), "flood": profile(flood(size))}
+    with local_fleet(
+        profiles, orgs={"bench": {"max_sessions": 10, "sessions_per_minute": 1000}}
+    ) as fleet:
+        rows = asyncio.run(measure(fleet, args.round_trips, size))
+    print(f"\n{'relay':<40}{'direct':>13}{'fleet':>13}")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
