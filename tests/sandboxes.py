@@ -70,6 +70,13 @@ PROFILES: dict[str, Any] = {
     "probe": busybox_profile(C07_PROBE + "; " + C07_PROBE),
     "wait-stdin": busybox_profile("cat", memory="1g"),
     "yes": busybox_profile("yes"),
+    "inspect": busybox_profile(
+        "grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; "
+        "ls /sys/class/net; touch /root-write 2>&1; "
+        "(unshare -U true || echo unshare refused) 2>/dev/null; id -u"
+    ),
+    # Each shell forks two more, forever; only the pids limit stops it.
+    "fork-bomb": busybox_profile("b() { b | b & }; b; sleep 3; echo survived"),
     "secret": {
         **busybox_profile('test -n "$TOKEN" && cat'),
         "env_allowed": ["TOKEN"],

@@ -558,7 +558,9 @@ class SessionRun:
             exit_code=code,
             oom_killed=oom,
             kill_signal=self._kill_signal,
-            detail=self._stop_detail or (exit_state.error if exit_state else None),
+            detail=self._stop_detail
+            or (exit_state.error if exit_state else "")
+            or None,
         )
 
     async def _update(self, fields: dict[str, str]) -> None:
