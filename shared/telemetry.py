@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -61,6 +62,87 @@ def configure_metrics(service: str) -> None:
 
 
 @dataclass(frozen=True)
+class Spec:
+    """One instrument: its kind, OpenTelemetry name, unit and meaning."""
+
+    kind: str
+    name: str
+    unit: str
+    description: str
+
+    def prometheus_names(self) -> set[str]:
+        """The series names Prometheus' exporter gives this instrument."""
+        base = self.name.replace(".", "_") + ("_seconds" if self.unit == "s" else "")
+        if self.kind == "histogram":
+            return {f"{base}_bucket", f"{base}_count", f"{base}_sum"}
+        return {base if self.kind == "up_down_counter" else f"{base}_total"}
+
+
+SCHEDULER_SPECS = {
+    "admissions": Spec(
+        "counter",
+        "fleet.admissions",
+        "{request}",
+        "Session creations by outcome: admitted or why not.",
+    ),
+}
+WORKER_SPECS = {
+    "starts": Spec(
+        "counter",
+        "fleet.session.starts",
+        "{session}",
+        "Sessions started, warm or cold.",
+    ),
+    "ends": Spec(
+        "counter", "fleet.session.ends", "{session}", "Sessions ended, by cause."
+    ),
+    "startup": Spec(
+        "histogram",
+        "fleet.session.startup.duration",
+        "s",
+        "Start-up time by phase, warm or cold.",
+    ),
+    "relayed_bytes": Spec(
+        "counter", "fleet.relay.bytes", "By", "Bytes relayed, by direction and stream."
+    ),
+    "running": Spec(
+        "up_down_counter",
+        "fleet.sessions.running",
+        "{session}",
+        "Sessions running on this node.",
+    ),
+    "pool_claims": Spec(
+        "counter",
+        "fleet.pool.claims",
+        "{claim}",
+        "Claims on warm pools: hit or miss.",
+    ),
+    "pool_refill_failures": Spec(
+        "counter",
+        "fleet.pool.refill_failures",
+        "{failure}",
+        "Warm-pool members that failed to start or probe.",
+    ),
+}
+
+
+def _instruments(scope: str, specs: dict[str, Spec]) -> dict[str, Any]:
+    meter = metrics.get_meter(scope)
+    return {
+        field: getattr(meter, f"create_{spec.kind}")(
+            spec.name, unit=spec.unit, description=spec.description
+        )
+        for field, spec in specs.items()
+    }
+
+
+def exported_names() -> set[str]:
+    """Every Prometheus series name the fleet exports."""
+    specs = [*SCHEDULER_SPECS.values(), *WORKER_SPECS.values()]
+    return {name for spec in specs for name in spec.prometheus_names()}
+
+
+@dataclass(frozen=True)
 class SchedulerMetrics:
     """What a scheduler replica counts."""
 
@@ -68,14 +150,7 @@ class SchedulerMetrics:
 
     @classmethod
     def create(cls) -> SchedulerMetrics:
-        meter = metrics.get_meter("acp_fleet.scheduler")
-        return cls(
-            admissions=meter.create_counter(
-                "fleet.admissions",
-                unit="{request}",
-                description="Session creations by outcome: admitted or why not.",
-            ),
-        )
+        return cls(**_instruments("acp_fleet.scheduler", SCHEDULER_SPECS))
 
 
 @dataclass(frozen=True)
@@ -92,44 +167,7 @@ class WorkerMetrics:
 
     @classmethod
     def create(cls) -> WorkerMetrics:
-        meter = metrics.get_meter("acp_fleet.worker")
-        return cls(
-            starts=meter.create_counter(
-                "fleet.session.starts",
-                unit="{session}",
-                description="Sessions started, warm or cold.",
-            ),
-            ends=meter.create_counter(
-                "fleet.session.ends",
-                unit="{session}",
-                description="Sessions ended, by cause.",
-            ),
-            startup=meter.create_histogram(
-                "fleet.session.startup.duration",
-                unit="s",
-                description="Start-up time by phase, warm or cold.",
-            ),
-            relayed_bytes=meter.create_counter(
-                "fleet.relay.bytes",
-                unit="By",
-                description="Bytes relayed, by direction and stream.",
-            ),
-            running=meter.create_up_down_counter(
-                "fleet.sessions.running",
-                unit="{session}",
-                description="Sessions running on this node.",
-            ),
-            pool_claims=meter.create_counter(
-                "fleet.pool.claims",
-                unit="{claim}",
-                description="Claims on warm pools: hit or miss.",
-            ),
-            pool_refill_failures=meter.create_counter(
-                "fleet.pool.refill_failures",
-                unit="{failure}",
-                description="Warm-pool members that failed to start or probe.",
-            ),
-        )
+        return cls(**_instruments("acp_fleet.worker", WORKER_SPECS))
 
 
 @functools.cache

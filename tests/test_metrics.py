@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.localfleet import LocalFleet
+from shared.localfleet import REPO, LocalFleet
+from shared.telemetry import exported_names
 from tests.sandboxes import run_session
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -106,3 +109,18 @@ class TestLogs:
         assert summary["queue_ms"] >= 0
         assert summary["sandbox_ms"] > 0
         assert summary["life_ms"] >= summary["sandbox_ms"]
+
+
+class TestShippedMonitoring:
+    def test_alerts_and_dashboard_name_only_exported_metrics(self) -> None:
+        """Every metric the alert rules and the dashboard query exists."""
+        docs = REPO / "docs"
+        rules = yaml.safe_load((docs / "alerts.yml").read_text())
+        exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+        dashboard = json.loads((docs / "grafana-dashboard.json").read_text())
+        exprs += [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+        named = {name for expr in exprs for name in re.findall(r"fleet_[a-z_]+", expr)}
+
+        assert len(exprs) >= 14
+        assert named <= exported_names(), named - exported_names()
