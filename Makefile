@@ -1,5 +1,5 @@
 # The two commands of the README, and the benchmark.
-.PHONY: setup demo test bench bench-relay lint
+.PHONY: setup demo test bench bench-relay bench-admission lint
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,9 @@ bench: setup
 
 bench-relay: setup
 	.venv/bin/python bench/relay.py
+
+bench-admission: setup
+	.venv/bin/python bench/admission.py
 
 lint:
 	.venv/bin/ruff check .
