@@ -180,7 +180,9 @@ async def _sweep_lapsed(fleet: Fleet) -> None:
             log.warning("sweep.failed", exc_info=True)
 
 
-def _fleet(request: Request) -> Fleet:
+async def _fleet(request: Request) -> Fleet:
+    # Async on purpose: FastAPI runs a plain function dependency in a
+    # thread pool, a thread hop on every request.
     fleet: Fleet = request.app.state.fleet
     return fleet
 
