@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import tomli_w
 
 from scheduler.auth import key_digest
@@ -253,8 +252,3 @@ def wait_for_port(
         except OSError:
             time.sleep(0.05)
     raise FleetError(f"{name} did not listen on port {port} within {timeout_s} s")
-
-
-def ready(fleet: LocalFleet) -> bool:
-    """True when the scheduler answers /readyz."""
-    return httpx.get(f"{fleet.url}/readyz", timeout=5).status_code == 200

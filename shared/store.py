@@ -8,7 +8,6 @@ whose reads are cut into slices shorter than any socket timeout it has.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,6 @@ from enum import IntEnum
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from shared.errors import LeaseLost
@@ -451,16 +449,3 @@ class SessionStore:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def wait_for_redis(redis: Redis, timeout_s: float) -> None:
-    """Wait until Redis answers PING, up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            await redis.ping()
-            return
-        except (RedisConnectionError, OSError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
