@@ -53,8 +53,13 @@ class Admission:
         self.arq = arq
         self.auth = auth
 
-    async def create(self, org: str, request: CreateSession) -> SessionCreated:
+    async def create(
+        self, org: str, request: CreateSession, *, remote: str = ""
+    ) -> SessionCreated:
         """Admit a session for ``org`` and enqueue it.
+
+        A session that waits for a workspace archive is enqueued by the
+        upload instead (``enqueue``).
 
         Raises:
             InvalidRequest: unknown profile, disallowed variable or limit.
@@ -75,7 +80,7 @@ class Admission:
             queue_max=scheduler.queue_max_depth,
             slot_ttl_ms=slot_ttl_ms,
             session_ttl_ms=slot_ttl_ms + profile.limits.lifetime_s * 1000 * 2,
-            fields={"profile": request.profile, "limits": json.dumps(limits)},
+            fields=_record_fields(request, limits),
         )
         outcome = "admitted" if admission.admitted else admission.reason or "refused"
         scheduler_metrics().admissions.add(1, {"outcome": outcome})
@@ -87,7 +92,21 @@ class Admission:
                 _REFUSALS.get(reason, "Admission refused."),
                 retry_after_s=max(1, math.ceil(admission.retry_after_ms / 1000)),
             )
-        await self._enqueue(session_id, org, request.env, slot_ttl_ms)
+        await self._prepare(
+            session_id, org, request, slot_ttl_ms, wait=request.workspace.upload
+        )
+        await self.store.audit(
+            session_id,
+            "created",
+            org=org,
+            remote=remote,
+            profile=request.profile,
+            image=profile.image,
+            limits=json.dumps({**profile.limits.model_dump(mode="json"), **limits}),
+            network="none",
+            env_names=",".join(sorted(request.env)),
+            workspace=request.workspace.model_dump_json(),
+        )
         token, expires_ms = self.auth.mint(session_id, org)
         log.info(
             "session.admitted", session_id=session_id, org=org, profile=request.profile
@@ -111,17 +130,28 @@ class Admission:
             )
         return profile
 
-    async def _enqueue(
-        self, session_id: str, org: str, env: dict[str, str], ttl_ms: int
+    async def enqueue(self, session_id: str) -> None:
+        """Hand an admitted session to the workers' queue."""
+        await self.arq.enqueue_job(
+            "run_session",
+            session_id,
+            _job_id=session_id,
+            _queue_name=self.store.keys.arq_queue,
+        )
+
+    async def _prepare(
+        self,
+        session_id: str,
+        org: str,
+        request: CreateSession,
+        ttl_ms: int,
+        *,
+        wait: bool,
     ) -> None:
         try:
-            await self.store.put_env(session_id, env, ttl_ms)
-            await self.arq.enqueue_job(
-                "run_session",
-                session_id,
-                _job_id=session_id,
-                _queue_name=self.store.keys.arq_queue,
-            )
+            await self.store.put_env(session_id, request.env, ttl_ms)
+            if not wait:
+                await self.enqueue(session_id)
         except Exception:
             # Give the slot back: an admitted session that never reached the
             # queue would otherwise hold it until the slot lapses.
@@ -132,6 +162,15 @@ class Admission:
                 outcome=Outcome(cause=EndCause.START_FAILED, detail="enqueue failed"),
             )
             raise
+
+
+def _record_fields(request: CreateSession, limits: dict[str, int]) -> dict[str, str]:
+    fields = {"profile": request.profile, "limits": json.dumps(limits)}
+    if request.workspace.upload:
+        fields["workspace_upload"] = "pending"
+    if request.workspace.fetch:
+        fields["workspace_fetch"] = "1"
+    return fields
 
 
 def _check_env(profile: AgentProfile, env: dict[str, str]) -> None:

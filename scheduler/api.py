@@ -30,8 +30,10 @@ from scheduler.gateway import (
     relay,
 )
 from scheduler.limits import BodyLimit
+from scheduler.workspace import check_archive, read_body
 from shared.errors import (
     AdmissionRefused,
+    Conflict,
     InvalidRequest,
     NotFound,
     RequestRefused,
@@ -39,6 +41,8 @@ from shared.errors import (
 )
 from shared.keys import Keys
 from shared.models import (
+    AuditEvent,
+    AuditTrail,
     CreateSession,
     EndCause,
     FleetView,
@@ -46,6 +50,7 @@ from shared.models import (
     Outcome,
     QueueView,
     SessionCreated,
+    SessionList,
     SessionState,
     SessionView,
     session_view,
@@ -135,6 +140,18 @@ def create_app(settings: FleetSettings) -> FastAPI:
 
     @app.exception_handler(RequestRefused)
     async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
+        # Who was refused and why, never with the credential itself.
+        fleet: Fleet = request.app.state.fleet
+        credential = _bearer(request.headers.get("authorization"))
+        log.info(
+            "request.refused",
+            method=request.method,
+            path=request.url.path,
+            remote=request.client.host if request.client else "",
+            who=fleet.auth.describe(credential),
+            code=exc.code,
+            status=exc.status,
+        )
         return _error(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -163,19 +180,32 @@ def create_app(settings: FleetSettings) -> FastAPI:
         body = {"code": code, "message": str(exc.detail)}
         return JSONResponse({"error": body}, status_code=exc.status_code)
 
-    for add_routes in (_session_routes, _operator_routes, _health_routes, _stdio_route):
+    for add_routes in (
+        _session_routes,
+        _workspace_routes,
+        _operator_routes,
+        _health_routes,
+        _stdio_route,
+    ):
         add_routes(app)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(
+        BodyLimit, upload_max_bytes=settings.scheduler.workspace_upload_max_bytes
+    )
     return app
 
 
 async def _sweep_lapsed(fleet: Fleet) -> None:
     """End the sessions of dead workers even when no worker is left to."""
     interval_s = fleet.settings.worker.lease_ms / 2000
+    slot_ttl_ms = fleet.settings.scheduler.queue_slot_ttl_s * 1000
+    # Admission forgets queue entries as old as a slot; the sweep ends them
+    # a few rounds before that, so that none stays queued for good.
+    max_wait_ms = max(slot_ttl_ms // 2, slot_ttl_ms - round(3 * interval_s * 1000))
     while True:
         await asyncio.sleep(interval_s)
         try:
             await fleet.store.end_lapsed()
+            await fleet.store.end_stale_queued(max_wait_ms)
         except RedisError:
             log.warning("sweep.failed", exc_info=True)
 
@@ -200,11 +230,29 @@ AuthHeader = Annotated[str | None, Header()]
 def _session_routes(app: FastAPI) -> None:
     @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
     async def create_session(
-        body: CreateSession, fleet: FleetDep, authorization: AuthHeader = None
+        body: CreateSession,
+        request: Request,
+        fleet: FleetDep,
+        authorization: AuthHeader = None,
     ) -> SessionCreated:
         """Admit a session for the calling organisation and queue it."""
         org = fleet.auth.org_for_key(_bearer(authorization))
-        return await fleet.admission.create(org, body)
+        return await fleet.admission.create(org, body, remote=_remote(request))
+
+    @app.get("/v1/sessions", response_model=SessionList)
+    async def list_sessions(
+        fleet: FleetDep,
+        authorization: AuthHeader = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    ) -> SessionList:
+        """The calling organisation's newest sessions, and only its own."""
+        org = fleet.auth.org_for_key(_bearer(authorization))
+        views = []
+        for session_id in await fleet.store.org_sessions(org, limit=limit):
+            record = await fleet.store.record(session_id)
+            if record is not None and record.get("org") == org:
+                views.append(session_view(session_id, record))
+        return SessionList(sessions=views)
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionView)
     async def get_session(
@@ -223,6 +271,11 @@ def _session_routes(app: FastAPI) -> None:
         principal = fleet.auth.principal(_bearer(authorization))
         record = await _owned_record(fleet, principal, session_id)
         state = SessionState(record["state"])
+        await fleet.store.audit(
+            session_id,
+            "cancel_requested",
+            by=fleet.auth.describe(_bearer(authorization)),
+        )
         if state is SessionState.QUEUED:
             outcome = Outcome(cause=EndCause.CANCELLED, detail="cancelled while queued")
             await fleet.store.finish(
@@ -235,6 +288,129 @@ def _session_routes(app: FastAPI) -> None:
             return JSONResponse(view.model_dump(mode="json"), status_code=202)
         record = await fleet.store.record(session_id) or record
         return session_view(session_id, record)
+
+
+def _workspace_routes(app: FastAPI) -> None:
+    @app.put(
+        "/v1/sessions/{session_id}/workspace",
+        response_model=SessionView,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-tar": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def put_workspace(
+        session_id: str,
+        request: Request,
+        fleet: FleetDep,
+        authorization: AuthHeader = None,
+    ) -> SessionView:
+        """Deliver the files a session that waits for them starts with.
+
+        The body is a tar archive (plain or compressed); the session, created
+        with ``workspace.upload``, is queued once it has arrived.
+        """
+        principal = fleet.auth.principal(_bearer(authorization))
+        record = await _owned_record(fleet, principal, session_id)
+        if record.get("workspace_upload") != "pending":
+            raise _upload_conflict(record)
+        settings = fleet.settings
+        archive = await read_body(
+            request.stream(),
+            max_bytes=settings.scheduler.workspace_upload_max_bytes,
+            timeout_s=settings.scheduler.workspace_upload_timeout_s,
+        )
+        profile = settings.profiles.get(record["profile"])
+        room = profile.limits.workspace_bytes if profile else 0
+        files = await asyncio.to_thread(check_archive, archive, max_unpacked_bytes=room)
+        taken = await fleet.store.put_upload(
+            session_id, archive, settings.scheduler.queue_slot_ttl_s * 1000
+        )
+        if taken != "ok":
+            record = await fleet.store.record(session_id) or record
+            raise _upload_conflict(record)
+        await fleet.admission.enqueue(session_id)
+        await fleet.store.audit(
+            session_id,
+            "workspace_uploaded",
+            by=fleet.auth.describe(_bearer(authorization)),
+            remote=_remote(request),
+            bytes=str(len(archive)),
+            files=str(files),
+        )
+        record = await fleet.store.record(session_id) or record
+        return session_view(session_id, record)
+
+    @app.get(
+        "/v1/sessions/{session_id}/workspace",
+        response_class=Response,
+        responses={200: {"content": {"application/x-tar": {}}}},
+    )
+    async def get_workspace(
+        session_id: str, fleet: FleetDep, authorization: AuthHeader = None
+    ) -> Response:
+        """The files of an ended session's workspace, as a tar archive.
+
+        Kept when the session was created with ``workspace.fetch``, for as
+        long as its output.
+        """
+        principal = fleet.auth.principal(_bearer(authorization))
+        record = await _owned_record(fleet, principal, session_id)
+        if record["state"] != SessionState.ENDED:
+            raise Conflict(
+                "session_not_ended",
+                "The workspace is archived when the session ends; it has not.",
+            )
+        archive = await fleet.store.archive(session_id)
+        if archive is None:
+            status = record.get("workspace_archive") or "not_requested"
+            raise NotFound(
+                "no_workspace_archive",
+                f"No workspace archive is kept for this session ({status}).",
+            )
+        return Response(archive, media_type="application/x-tar")
+
+    @app.get("/v1/sessions/{session_id}/audit", response_model=AuditTrail)
+    async def audit_trail(
+        session_id: str, fleet: FleetDep, authorization: AuthHeader = None
+    ) -> AuditTrail:
+        """Who created the session, from where, what it ran with, how it ended.
+
+        Readable by the organisation that owns the session and by operators.
+        """
+        credential = _bearer(authorization)
+        if not fleet.auth.is_operator(credential):
+            principal = fleet.auth.principal(credential)
+            await _owned_record(fleet, principal, session_id)
+        elif not _SESSION_ID.fullmatch(session_id) or not await fleet.store.record(
+            session_id
+        ):
+            raise NotFound("session_not_found", f"No session {session_id}.")
+        events = await fleet.store.audit_trail(session_id)
+        return AuditTrail(
+            session_id=session_id,
+            events=[AuditEvent.model_validate(event) for event in events],
+        )
+
+
+def _upload_conflict(record: dict[str, str]) -> Conflict:
+    upload = record.get("workspace_upload")
+    if upload == "received":
+        return Conflict(
+            "already_uploaded", "The workspace archive has arrived already."
+        )
+    if upload == "pending":
+        return Conflict("not_queued", "The session is no longer waiting for files.")
+    return Conflict(
+        "upload_not_expected",
+        "The session was not created with workspace.upload; it takes no archive.",
+    )
+
+
+def _remote(request: Request) -> str:
+    return request.client.host if request.client else ""
 
 
 def _operator_routes(app: FastAPI) -> None:

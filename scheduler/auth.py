@@ -79,6 +79,30 @@ class Authenticator:
             "This call needs an operator key",
         )
 
+    def is_operator(self, credential: str | None) -> bool:
+        """True when ``credential`` is an operator's key."""
+        return (
+            bool(credential)
+            and key_digest(credential or "") in self._operators_by_digest
+        )
+
+    def describe(self, credential: str | None) -> str:
+        """Name the holder of ``credential`` for logs, never the credential."""
+        if not credential:
+            return "anonymous"
+        if credential.count(".") == 2:
+            try:
+                principal = self._token_principal(credential)
+            except Unauthorized as exc:
+                return f"session-token ({exc.code})"
+            return f"session-token:{principal.org}/{principal.session_id}"
+        digest = key_digest(credential)
+        if digest in self._orgs_by_digest:
+            return f"org:{self._orgs_by_digest[digest]}"
+        if digest in self._operators_by_digest:
+            return f"operator:{self._operators_by_digest[digest]}"
+        return "unknown-key"
+
     def principal(self, credential: str | None) -> Principal:
         """Return who presents ``credential``: an org key or a session token."""
         if credential and credential.count(".") == 2:

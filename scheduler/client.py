@@ -80,10 +80,48 @@ class FleetClient:
         *,
         env: dict[str, str] | None = None,
         limits: dict[str, Any] | None = None,
+        upload: bool = False,
+        fetch: bool = False,
     ) -> dict[str, Any]:
-        """Create a session; returns its id, state and session token."""
-        body = {"profile": profile, "env": env or {}, "limits": limits or {}}
+        """Create a session; returns its id, state and session token.
+
+        With ``upload`` the session waits for ``put_workspace``; with
+        ``fetch`` its workspace is kept for ``workspace`` when it ends.
+        """
+        body = {
+            "profile": profile,
+            "env": env or {},
+            "limits": limits or {},
+            "workspace": {"upload": upload, "fetch": fetch},
+        }
         return await self._call("POST", "/v1/sessions", json=body)
+
+    async def sessions(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The calling organisation's newest sessions."""
+        listed = await self._call("GET", "/v1/sessions", params={"limit": limit})
+        sessions: list[dict[str, Any]] = listed["sessions"]
+        return sessions
+
+    async def put_workspace(self, session_id: str, archive: bytes) -> dict[str, Any]:
+        """Deliver the tar archive a session created with ``upload`` waits for."""
+        return await self._call(
+            "PUT",
+            f"/v1/sessions/{session_id}/workspace",
+            content=archive,
+            headers={"Content-Type": "application/x-tar"},
+        )
+
+    async def workspace(self, session_id: str) -> bytes:
+        """The tar archive of an ended session's workspace."""
+        response = await self._http.get(f"/v1/sessions/{session_id}/workspace")
+        _raise_for_error(response)
+        return response.content
+
+    async def audit(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's audit trail, oldest event first."""
+        trail = await self._call("GET", f"/v1/sessions/{session_id}/audit")
+        events: list[dict[str, Any]] = trail["events"]
+        return events
 
     async def session(self, session_id: str) -> dict[str, Any]:
         """Return a session's state, cause and timings."""
@@ -111,14 +149,19 @@ class FleetClient:
             if method == "POST":
                 raise
             response = await self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            try:
-                error = response.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                error = {"code": "http_error", "message": response.text}
-            raise ApiError(response.status_code, error["code"], error["message"])
+        _raise_for_error(response)
         result: dict[str, Any] = response.json()
         return result
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        error = {"code": "http_error", "message": response.text}
+    raise ApiError(response.status_code, error["code"], error["message"])
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@
     │   ├── InvalidRequest     malformed or out-of-range input (422)
     │   ├── Unauthorized       no valid credential (401)
     │   ├── NotFound           unknown session or profile, or not the caller's (404)
+    │   ├── Conflict           the session is not in a state that allows it (409)
+    │   ├── TooLarge           an upload is larger than allowed (413)
     │   └── AdmissionRefused   a quota, rate or queue bound says no (429)
     ├── LeaseLost              another owner fenced this worker out of a session
     ├── SandboxError           the Docker Engine failed a call for a sandbox
@@ -54,6 +56,18 @@ class NotFound(RequestRefused):
     """The session or profile does not exist for this caller."""
 
     status = 404
+
+
+class Conflict(RequestRefused):
+    """The session's state does not allow the request, now or ever."""
+
+    status = 409
+
+
+class TooLarge(RequestRefused):
+    """An upload is larger than its bound."""
+
+    status = 413
 
 
 class AdmissionRefused(RequestRefused):

@@ -33,6 +33,24 @@ class Keys:
         """Hash: per-session environment, deleted by the claim that reads it."""
         return f"{self.prefix}:session:{session_id}:env"
 
+    def upload(self, session_id: str) -> str:
+        """String: the tar archive to unpack into the workspace before the
+        agent starts; deleted by the worker that unpacks it."""
+        return f"{self.prefix}:session:{session_id}:upload"
+
+    def archive(self, session_id: str) -> str:
+        """String: the workspace as a tar archive, written after the agent
+        is gone; kept as long as the session's output."""
+        return f"{self.prefix}:session:{session_id}:archive"
+
+    def audit(self, session_id: str) -> str:
+        """Stream: who did what to the session, and what it ran with."""
+        return f"{self.prefix}:session:{session_id}:audit"
+
+    def org_sessions(self, org: str) -> str:
+        """Sorted set: the org's sessions by admission time, for listing."""
+        return f"{self.prefix}:org:{org}:sessions"
+
     def stdin(self, session_id: str) -> str:
         """Stream: client-to-agent bytes (``d``), ``eof`` and ``cancel``."""
         return f"{self.prefix}:session:{session_id}:in"
@@ -107,7 +125,7 @@ local function expire_at_last(key)
 end
 """
 
-# KEYS: org_slots, org_rate, queued, session
+# KEYS: org_slots, org_rate, queued, session, org_sessions
 # ARGV: session_id, max_sessions, per_minute, queue_max, slot_ttl_ms,
 #       session_ttl_ms, then field/value pairs for the record
 # Returns {"ok", now_ms} or {reason, retry_after_ms}.
@@ -138,8 +156,11 @@ redis.call('PEXPIRE', KEYS[3], slot_ttl)
 redis.call('HSET', KEYS[4], 'state', 'queued', 'admitted_ms', now,
            unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]))
+redis.call('ZADD', KEYS[5], now, sid)
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - {retention})
+redis.call('PEXPIRE', KEYS[5], {retention})
 return {'ok', now}
-""".replace("{window}", str(RATE_WINDOW_MS))
+""".replace("{window}", str(RATE_WINDOW_MS)).replace("{retention}", str(RETENTION_MS))
 )
 
 # KEYS: session, lease, queued, org_slots, fence, session_env, running
@@ -271,6 +292,29 @@ end
 return tonumber(redis.call('HGET', KEYS[1], 'out_bytes') or '0') - acked
 """
 
+# KEYS: session, upload
+# ARGV: archive bytes, ttl_ms
+# Takes the one archive a session created to wait for one; returns "ok",
+# or why not: "not_queued", "not_expected" or "already_uploaded".
+UPLOAD = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 'not_queued' end
+local wanted = redis.call('HGET', KEYS[1], 'workspace_upload')
+if wanted == 'received' then return 'already_uploaded' end
+if wanted ~= 'pending' then return 'not_expected' end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'workspace_upload', 'received')
+return 'ok'
+"""
+
+# KEYS: lease, archive
+# ARGV: lease_token, archive bytes, ttl_ms
+# Returns 1 when stored, 0 when the caller no longer owns the session.
+PUT_ARCHIVE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', tonumber(ARGV[3]))
+return 1
+"""
+
 # KEYS: lease, session
 # ARGV: lease_token, then field/value pairs
 # Returns 1 when written, 0 when the caller no longer owns the session.
@@ -290,7 +334,7 @@ return 1
 """
 )
 
-# KEYS: lease, session, org_slots, running, queued, stdout, stdin
+# KEYS: lease, session, org_slots, running, queued, stdout, stdin, upload
 # ARGV: expect, session_id, retention_ms, end_json, then field/value pairs
 # ``expect`` is the owner's lease token, "queued" (cancel before a claim)
 # or "lapsed" (the owner died: its lease is gone). Returns 1 when ended.
@@ -316,7 +360,7 @@ redis.call('XADD', KEYS[6], '*', 'end', ARGV[4])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('PEXPIRE', KEYS[6], {output_retention})
 -- No agent reads stdin any more: what is left of it goes now.
-redis.call('DEL', KEYS[7])
+redis.call('DEL', KEYS[7], KEYS[8])
 return 1
 """.replace("{output_retention}", str(OUTPUT_RETENTION_MS))
 )

@@ -182,6 +182,7 @@ def local_fleet(
             "worker": {
                 "node": "node-" + secrets.token_hex(3),
                 "metrics_port": free_port(),
+                "workspace_root": str(workdir / "workspaces"),
                 **(worker or {}),
             },
             "profiles": dict(profiles),
@@ -206,7 +207,19 @@ def local_fleet(
         finally:
             for name in list(fleet.processes):
                 fleet.stop(name)
+            _unmount_under(workdir)
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _unmount_under(directory: Path) -> None:
+    """Unmount what a killed worker left mounted below ``directory``."""
+    prefix = str(directory) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [
+            line.split()[1] for line in mounts if line.split()[1].startswith(prefix)
+        ]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 def wait_for_worker(

@@ -80,6 +80,19 @@ class LimitsRequest(BaseModel):
         return parsed
 
 
+class WorkspaceRequest(BaseModel):
+    """What a session's workspace starts with and what becomes of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Hold the session until ``PUT /v1/sessions/{id}/workspace`` has
+    # delivered a tar archive of the files it starts with.
+    upload: bool = Field(False, strict=True)
+    # Keep the workspace's files as a tar archive when the session ends,
+    # for ``GET /v1/sessions/{id}/workspace``.
+    fetch: bool = Field(False, strict=True)
+
+
 class CreateSession(BaseModel):
     """Body of ``POST /v1/sessions``."""
 
@@ -91,6 +104,7 @@ class CreateSession(BaseModel):
         Annotated[str, Field(max_length=32 * 1024)],
     ] = Field(default_factory=dict, max_length=64)
     limits: LimitsRequest = Field(default_factory=LimitsRequest)
+    workspace: WorkspaceRequest = Field(default_factory=WorkspaceRequest)
 
     @field_validator("env")
     @classmethod
@@ -137,6 +151,10 @@ class SessionView(BaseModel):
     node: str | None = None
     image_digest: str | None = None
     limits: dict[str, int] = Field(default_factory=dict)
+    # "pending" until an awaited archive arrives, then "received"; at the
+    # end "stored", "too_large" or "failed" when a fetch was asked for.
+    workspace_upload: str | None = None
+    workspace_archive: str | None = None
     timings: SessionTimings
 
 
@@ -164,8 +182,32 @@ def session_view(session_id: str, record: dict[str, str]) -> SessionView:
         node=record.get("node") or None,
         image_digest=record.get("image_digest") or None,
         limits=json.loads(record.get("limits", "{}")),
+        workspace_upload=record.get("workspace_upload") or None,
+        workspace_archive=record.get("workspace_archive") or None,
         timings=timings,
     )
+
+
+class SessionList(BaseModel):
+    """The calling organisation's newest sessions."""
+
+    sessions: list[SessionView]
+
+
+class AuditEvent(BaseModel):
+    """One entry of a session's audit trail; fields depend on the event."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    event: str
+
+
+class AuditTrail(BaseModel):
+    """Who created the session, from where, and what it ran with."""
+
+    session_id: str
+    events: list[AuditEvent]
 
 
 class NodeView(BaseModel):

@@ -48,6 +48,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class IoLimits(_Strict):
+    """Block-I/O throttles on one device of the node (the blkio controller)."""
+
+    device: str = Field(pattern=r"^/dev/[A-Za-z0-9/_.-]+$")
+    read_bps: int | None = Field(None, ge=1024)
+    write_bps: int | None = Field(None, ge=1024)
+    read_iops: int | None = Field(None, ge=1)
+    write_iops: int | None = Field(None, ge=1)
+
+    def host_config(self) -> dict[str, list[dict[str, str | int]]]:
+        """The Engine's HostConfig fields for these throttles."""
+        fields = {
+            "BlkioDeviceReadBps": self.read_bps,
+            "BlkioDeviceWriteBps": self.write_bps,
+            "BlkioDeviceReadIOps": self.read_iops,
+            "BlkioDeviceWriteIOps": self.write_iops,
+        }
+        return {
+            name: [{"Path": self.device, "Rate": rate}]
+            for name, rate in fields.items()
+            if rate is not None
+        }
+
+
 class Limits(_Strict):
     """Resource limits of one sandbox; a session may narrow, never widen them."""
 
@@ -61,6 +85,11 @@ class Limits(_Strict):
     tmp_bytes: MemoryBytes = Field(64 * 1024**2, alias="tmp_size")
     home_bytes: MemoryBytes = Field(256 * 1024**2, alias="home_size")
     workspace_bytes: MemoryBytes = Field(512 * 1024**2, alias="workspace_size")
+    # CPUs the sandbox may run on ("0-1", "2,3") and its relative weight
+    # when CPUs are contended; None leaves the Engine's defaults.
+    cpuset: str | None = Field(None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+    cpu_shares: int | None = Field(None, ge=2, le=262_144)
+    io: IoLimits | None = None
 
 
 class PoolConfig(_Strict):
@@ -91,6 +120,11 @@ class AgentProfile(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     env_allowed: list[str] = Field(default_factory=list)
     max_line_bytes: int = Field(16 * 1024**2, ge=4096, le=256 * 1024**2)
+    # Allowed variables delivered as files on the sandbox's /run tmpfs
+    # (NAME_FILE names the file) instead of in the environment.
+    secret_files: list[str] = Field(default_factory=list)
+    # Applied where the node has AppArmor; Docker's own profile by default.
+    apparmor_profile: str = Field("docker-default", pattern=r"^[A-Za-z0-9_.-]+$")
     limits: Limits
     pool: PoolConfig = Field(default_factory=lambda: PoolConfig())
 
@@ -103,6 +137,23 @@ class AgentProfile(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _secrets_are_allowed(self) -> AgentProfile:
+        stray = sorted(set(self.secret_files) - set(self.env_allowed))
+        if stray:
+            raise ValueError(
+                f"secret_files names {', '.join(stray)}, which env_allowed "
+                "does not allow"
+            )
+        if self.env_allowed and not self.command:
+            # Per-session values reach the agent through the launcher, which
+            # needs the command; Docker's Env would put them on its disk.
+            raise ValueError(
+                "env_allowed needs the profile's command: per-session values "
+                "reach the agent through a launcher, never the container config"
+            )
+        return self
+
     @field_validator("workdir", "home")
     @classmethod
     def _absolute(cls, path: str) -> str:
@@ -110,7 +161,7 @@ class AgentProfile(_Strict):
             raise ValueError(f"{path!r} must be an absolute path inside the sandbox")
         return path
 
-    @field_validator("env_allowed", "env")
+    @field_validator("env_allowed", "env", "secret_files")
     @classmethod
     def _variable_names(cls, names: Any) -> Any:
         for name in names:
@@ -143,6 +194,12 @@ class SchedulerConfig(_Strict):
     # How long an admitted session may wait in the queue before its quota
     # slot lapses; longer than any sane queue wait, short enough to heal.
     queue_slot_ttl_s: int = Field(600, ge=10)
+    # A workspace archive uploaded before a session starts, at most this big.
+    workspace_upload_max_bytes: MemoryBytes = Field(
+        64 * 1024**2, alias="workspace_upload_max"
+    )
+    # An upload slower than this is cut off, so it cannot hold a worker slot.
+    workspace_upload_timeout_s: float = Field(60.0, gt=0, le=3600)
 
 
 class WorkerConfig(_Strict):
@@ -164,9 +221,23 @@ class WorkerConfig(_Strict):
     # Output no client has acknowledged, per session; past it the relay
     # stops reading from the agent until the client catches up.
     backlog_bytes: int = Field(8 * 1024**2, ge=64 * 1024)
+    # Each sandbox's workspace is a filesystem image under this directory,
+    # mounted on the node and bound into the sandbox.
+    workspace_root: str = "/var/lib/acp-fleet/workspaces"
+    # A fetched workspace is kept in Redis as a tar archive up to this size.
+    workspace_archive_max_bytes: MemoryBytes = Field(
+        64 * 1024**2, alias="workspace_archive_max"
+    )
     # Prometheus scrapes the worker here; 0 turns the endpoint off.
     metrics_port: int = Field(9464, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+
+    @field_validator("workspace_root")
+    @classmethod
+    def _absolute_root(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"{path!r} must be an absolute path on the node")
+        return path
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerConfig:

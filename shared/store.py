@@ -25,17 +25,22 @@ from shared.keys import (
     APPEND,
     CLAIM,
     FINISH,
+    OUTPUT_RETENTION_MS,
+    PUT_ARCHIVE,
     RENEW,
     RETENTION_MS,
     STDIN,
     STDIN_CONSUMED,
     TOUCH,
     UPDATE,
+    UPLOAD,
     Keys,
 )
 from shared.models import EndCause, Outcome
 
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
+# A session's audit trail is a handful of events; this bounds a runaway one.
+_AUDIT_MAX_EVENTS = 1000
 
 # A blocking read is cut into slices this much shorter than the client's
 # socket timeout, so the reply always lands before the socket gives up.
@@ -93,6 +98,8 @@ class SessionStore:
         self._touch = redis.register_script(TOUCH)
         self._stdin = redis.register_script(STDIN)
         self._stdin_consumed = redis.register_script(STDIN_CONSUMED)
+        self._upload = redis.register_script(UPLOAD)
+        self._put_archive = redis.register_script(PUT_ARCHIVE)
 
     async def admit(
         self,
@@ -110,7 +117,13 @@ class SessionStore:
         k = self.keys
         flat = [item for pair in fields.items() for item in pair]
         reply = await self._admit(
-            keys=[k.org_slots(org), k.org_rate(org), k.queued, k.session(session_id)],
+            keys=[
+                k.org_slots(org),
+                k.org_rate(org),
+                k.queued,
+                k.session(session_id),
+                k.org_sessions(org),
+            ],
             args=[
                 session_id,
                 max_sessions,
@@ -314,6 +327,7 @@ class SessionStore:
                 k.queued,
                 k.stdout(session_id),
                 k.stdin(session_id),
+                k.upload(session_id),
             ],
             args=[
                 expect,
@@ -439,6 +453,86 @@ class SessionStore:
             await self.redis.set(key, "1")
         else:
             await self.redis.delete(key)
+
+    async def put_upload(self, session_id: str, archive: bytes, ttl_ms: int) -> str:
+        """Keep the workspace archive a queued session waits for.
+
+        Returns "ok", or why it was not taken: "not_queued", "not_expected"
+        or "already_uploaded".
+        """
+        k = self.keys
+        reply = await self._upload(
+            keys=[k.session(session_id), k.upload(session_id)], args=[archive, ttl_ms]
+        )
+        return _text(reply)
+
+    async def take_upload(self, session_id: str) -> bytes | None:
+        """Return and delete the session's uploaded archive, if any."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(self.keys.upload(session_id))
+            pipe.delete(self.keys.upload(session_id))
+            archive, _ = await pipe.execute()
+        return archive  # type: ignore[no-any-return]
+
+    async def put_archive(self, claim: Claim, archive: bytes) -> bool:
+        """Keep the workspace's files for the client, fenced by the lease."""
+        k = self.keys
+        stored = await self._put_archive(
+            keys=[k.lease(claim.session_id), k.archive(claim.session_id)],
+            args=[claim.token, archive, OUTPUT_RETENTION_MS],
+        )
+        return bool(stored)
+
+    async def archive(self, session_id: str) -> bytes | None:
+        """Return the workspace archive of an ended session, if one was kept."""
+        return await self.redis.get(self.keys.archive(session_id))  # type: ignore[no-any-return]
+
+    async def audit(self, session_id: str, event: str, **fields: str) -> None:
+        """Append one event to the session's audit trail."""
+        key = self.keys.audit(session_id)
+        entry: dict[Any, Any] = {"event": event, **fields}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, entry, maxlen=_AUDIT_MAX_EVENTS, approximate=False)
+            pipe.pexpire(key, RETENTION_MS)
+            await pipe.execute()
+
+    async def audit_trail(self, session_id: str) -> list[dict[str, str]]:
+        """Every event of the session's audit trail, oldest first."""
+        entries = await self.redis.xrange(self.keys.audit(session_id))
+        return [
+            {"id": _text(entry_id), **{_text(k): _text(v) for k, v in fields.items()}}
+            for entry_id, fields in entries
+        ]
+
+    async def org_sessions(self, org: str, *, limit: int) -> list[str]:
+        """The org's newest sessions first, at most ``limit``."""
+        ids = await self.redis.zrevrange(self.keys.org_sessions(org), 0, limit - 1)
+        return [_text(session_id) for session_id in ids]
+
+    async def end_stale_queued(self, max_wait_ms: int) -> int:
+        """End sessions queued longer than their quota slot lasts.
+
+        Their slot has lapsed already; a session held for an upload that
+        never came, or whose job was lost, would otherwise stay queued.
+        """
+        stale = await self.redis.zrangebyscore(
+            self.keys.queued, "-inf", await self.now_ms() - max_wait_ms
+        )
+        ended = 0
+        for raw in stale:
+            session_id = _text(raw)
+            record = await self.record(session_id)
+            if record is None:
+                await self.redis.zrem(self.keys.queued, session_id)
+                continue
+            detail = "never started: its queue slot lapsed"
+            if record.get("workspace_upload") == "pending":
+                detail = "never started: no workspace archive was uploaded"
+            outcome = Outcome(cause=EndCause.START_FAILED, detail=detail)
+            ended += await self.finish(
+                session_id, org=record["org"], expect="queued", outcome=outcome
+            )
+        return ended
 
     async def close(self) -> None:
         """Close both clients."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from scheduler.client import End, FleetClient, SlowClient
@@ -12,6 +14,23 @@ from shared.wire import STDOUT
 
 BUSYBOX_IMAGE = "acp-fleet/busybox:test"
 MIB = 1024 * 1024
+
+
+def root_disk() -> tuple[str, str]:
+    """The whole disk under Docker's data, as (/dev/name, major:minor).
+
+    Block-I/O throttles apply to whole disks, not partitions.
+    """
+    device = os.stat("/var/lib/docker" if os.path.isdir("/var/lib/docker") else "/")
+    sysfs = Path(f"/sys/dev/block/{os.major(device.st_dev)}:{os.minor(device.st_dev)}")
+    if (sysfs / "partition").exists():
+        sysfs = sysfs.resolve().parent
+    else:
+        sysfs = sysfs.resolve()
+    return f"/dev/{sysfs.name}", (sysfs / "dev").read_text().strip()
+
+
+ROOT_DISK, ROOT_DISK_NUMBERS = root_disk()
 
 # C01: a 200,000-byte stdout line, a 70,000-byte stderr line, then 50,000
 # euro signs on stdout with no final newline.
@@ -81,6 +100,41 @@ PROFILES: dict[str, Any] = {
         **busybox_profile('test -n "$TOKEN" && cat'),
         "env_allowed": ["TOKEN"],
     },
+    # API_KEY arrives as a file; TOKEN in the environment. The agent shows
+    # where each is, then echoes stdin until EOF.
+    "secret-file": {
+        **busybox_profile(
+            'echo "env-key=[$API_KEY]"; echo "file=$API_KEY_FILE"; '
+            'echo "file-key=[$(cat "$API_KEY_FILE")]"; '
+            "stat -c 'mode=%a owner=%u' \"$API_KEY_FILE\"; "
+            'echo "token=[$TOKEN]"; cat'
+        ),
+        "env_allowed": ["TOKEN", "API_KEY"],
+        "secret_files": ["API_KEY"],
+    },
+    # Looks for any trace of another session's secret, from inside.
+    "snoop": busybox_profile(
+        "ls /run/secrets 2>&1; env; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'"
+    ),
+    # Fills its 16 MiB workspace, reports, then waits to be told to exit.
+    "fill-workspace": busybox_profile(
+        "dd if=/dev/zero of=/workspace/fill bs=1048576 count=64 2>&1; rc=$?; "
+        'echo "dd=$rc"; df -k /workspace | tail -1; read line; exit $rc',
+        workspace_size="16m",
+    ),
+    # Reads what was put into the workspace, changes it, lists it.
+    "edit-workspace": busybox_profile(
+        "cat /workspace/in.txt; echo changed > /workspace/out.txt; "
+        "mkdir /workspace/sub && echo deep > /workspace/sub/file; "
+        "stat -c '%n %u' /workspace/in.txt /workspace/out.txt"
+    ),
+    "io-limits": busybox_profile(
+        "cat /sys/fs/cgroup/cpuset/cpuset.cpus /sys/fs/cgroup/cpu/cpu.shares "
+        "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device",
+        cpuset="0",
+        cpu_shares=512,
+        io={"device": ROOT_DISK, "write_bps": 1048576},
+    ),
 }
 
 

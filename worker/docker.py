@@ -49,10 +49,18 @@ class SandboxSpec:
     limits: Limits
     image: str
     env: Mapping[str, str] = field(default_factory=dict)
+    # The node's mount of the sandbox's workspace filesystem; None puts a
+    # tmpfs there instead, whose files go with the container.
+    workspace: str | None = None
 
 
 def container_config(
-    spec: SandboxSpec, *, fleet: str, node: str, seccomp: str
+    spec: SandboxSpec,
+    *,
+    fleet: str,
+    node: str,
+    seccomp: str,
+    apparmor: str | None = None,
 ) -> dict[str, Any]:
     """Return the Engine API body that creates ``spec``'s hardened container."""
     profile, limits = spec.profile, spec.limits
@@ -69,6 +77,37 @@ def container_config(
         )
 
     env = {"HOME": profile.home, **profile.env, **spec.env}
+    tmpfs_mounts = {
+        "/tmp": tmpfs(  # noqa: S108 - a private tmpfs, not the host's /tmp
+            limits.tmp_bytes, "1777", executable=False
+        ),
+        "/run": tmpfs(8 * 1024**2, "0755", executable=False),
+        profile.home: tmpfs(limits.home_bytes, "0700", executable=True),
+    }
+    mounts: list[dict[str, Any]] = []
+    if spec.workspace is None:
+        tmpfs_mounts[profile.workdir] = tmpfs(
+            limits.workspace_bytes, "0755", executable=True
+        )
+    else:
+        mounts.append(
+            {
+                "Type": "bind",
+                "Source": spec.workspace,
+                "Target": profile.workdir,
+                "ReadOnly": False,
+                "BindOptions": {"Propagation": "rprivate"},
+            }
+        )
+    host_config: dict[str, Any] = {}
+    if limits.cpuset:
+        host_config["CpusetCpus"] = limits.cpuset
+    if limits.cpu_shares:
+        host_config["CpuShares"] = limits.cpu_shares
+    if limits.io:
+        host_config.update(limits.io.host_config())
+    if apparmor:
+        host_config["SecurityOpt"] = [f"apparmor={apparmor}"]
     return {
         "Image": spec.image,
         "Cmd": profile.command or None,
@@ -93,16 +132,14 @@ def container_config(
         "HostConfig": {
             "NetworkMode": "none",
             "CapDrop": ["ALL"],
-            "SecurityOpt": ["no-new-privileges:true", f"seccomp={seccomp}"],
+            "SecurityOpt": [
+                "no-new-privileges:true",
+                f"seccomp={seccomp}",
+                *host_config.pop("SecurityOpt", []),
+            ],
             "ReadonlyRootfs": True,
-            "Tmpfs": {
-                "/tmp": tmpfs(  # noqa: S108 - a private tmpfs, not the host's /tmp
-                    limits.tmp_bytes, "1777", executable=False
-                ),
-                "/run": tmpfs(8 * 1024**2, "0755", executable=False),
-                profile.home: tmpfs(limits.home_bytes, "0700", executable=True),
-                profile.workdir: tmpfs(limits.workspace_bytes, "0755", executable=True),
-            },
+            "Tmpfs": tmpfs_mounts,
+            "Mounts": mounts,
             # An init as PID 1 reaps zombies and forwards SIGTERM, so a stop
             # does not wait out its whole timeout.
             "Init": True,
@@ -118,6 +155,7 @@ def container_config(
             "LogConfig": {"Type": "none", "Config": {}},
             "AutoRemove": False,
             "RestartPolicy": {"Name": "no"},
+            **host_config,
         },
     }
 

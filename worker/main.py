@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -34,6 +35,7 @@ _JOB_TIMEOUT_MARGIN_S = 300
 # record its end; what remains after it is healed by the next reconcile.
 _CLEANUP_WAIT_S = 30.0
 _NODE_TTL_LEASES = 10
+_APPARMOR_FLAG = "/sys/module/apparmor/parameters/enabled"
 
 
 async def run_session(ctx: dict[str, Any], session_id: str) -> str:
@@ -91,6 +93,7 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
         runtime=runtime,
         seccomp=seccomp_profile(),
         images=images,
+        apparmor=host_has_apparmor(),
     )
     reconciler = Reconciler(
         store=store,
@@ -98,6 +101,8 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
         fleet=settings.fleet,
         node=settings.worker.node,
         owns=runner.owns,
+        workspaces=settings.worker.workspace_root,
+        live_workspaces=runner.workspace_names,
     )
     await reconciler.run_once()
     _start_pools(runner, settings)
@@ -113,6 +118,14 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
     )
 
 
+def host_has_apparmor() -> bool:
+    """True when the node's kernel enforces AppArmor profiles."""
+    try:
+        return Path(_APPARMOR_FLAG).read_text().strip() == "Y"
+    except OSError:
+        return False
+
+
 def _start_pools(runner: SessionRunner, settings: FleetSettings) -> None:
     """Create each profile's warm pool and start filling it."""
     for name, profile in settings.profiles.items():
@@ -126,6 +139,8 @@ def _start_pools(runner: SessionRunner, settings: FleetSettings) -> None:
             fleet=settings.fleet,
             node=settings.worker.node,
             seccomp=runner.seccomp,
+            workspaces=settings.worker.workspace_root,
+            apparmor=profile.apparmor_profile if runner.apparmor else None,
         )
         runner.pools[name] = pool
         runner.pool_tasks.append(

@@ -25,6 +25,7 @@ from shared.errors import SandboxError
 from shared.settings import AgentProfile, PoolConfig
 from shared.telemetry import worker_metrics
 from worker.docker import AttachedStdio, DockerRuntime, SandboxSpec, container_config
+from worker.workspace import Workspace
 
 log = structlog.get_logger("worker.pool")
 
@@ -39,19 +40,54 @@ PROBE = (
     '&& rm -f "$f" || exit 1; done'
 )
 _PROBE_TIMEOUT_S = 10.0
+# Secrets given as files live here, on the sandbox's /run tmpfs.
+SECRETS_DIR = "/run/secrets"
 _BACKOFF_BASE_S = 1.0
 
 
-def launch_spec(env: Mapping[str, str]) -> bytes:
+def launch_spec(
+    env: Mapping[str, str], files: Mapping[str, str] | None = None
+) -> bytes:
     """Return the one line that hands ``env`` to a member's launcher.
 
-    Values are shell-quoted; a newline inside a value is spliced in from a
-    variable, since the line itself must not contain one.
+    Each of ``files`` is written to ``/run/secrets/NAME``, readable by the
+    agent's uid only, and ``NAME_FILE`` names it: a secret given that way
+    is in no process's environment. ``printf`` is the shell's builtin, so
+    no value appears on a command line either. Values are shell-quoted; a
+    newline inside a value is spliced in from a variable, since the line
+    itself must not contain one.
     """
-    if not env:
+    files = files or {}
+    if not env and not files:
         return b":\n"
-    assignments = " ".join(f"{name}={_quoted(value)}" for name, value in env.items())
-    return f"nl=$(printf '\\nx'); nl=${{nl%x}}; export {assignments}\n".encode()
+    parts = ["nl=$(printf '\\nx'); nl=${nl%x}"]
+    if files:
+        parts.append(f"umask 077; mkdir -p {SECRETS_DIR}")
+        for name, value in files.items():
+            path = f"{SECRETS_DIR}/{name}"
+            parts.append(f"printf %s {_quoted(value)} > {path}")
+            parts.append(f"export {name}_FILE={path}")
+        parts.append("umask 022")
+    if env:
+        assignments = " ".join(f"{n}={_quoted(v)}" for n, v in env.items())
+        parts.append(f"export {assignments}")
+    return ("; ".join(parts) + "\n").encode()
+
+
+def split_secrets(
+    profile: AgentProfile, env: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Split per-session values into (environment, files) by the profile."""
+    as_files = set(profile.secret_files)
+    plain = {name: value for name, value in env.items() if name not in as_files}
+    files = {name: value for name, value in env.items() if name in as_files}
+    return plain, files
+
+
+def with_launcher(profile: AgentProfile) -> AgentProfile:
+    """The profile whose command first reads the session's spec line."""
+    command = ["/bin/sh", "-c", LAUNCHER, "fleet-launch", *profile.command]
+    return profile.model_copy(update={"command": command})
 
 
 def _quoted(value: str) -> str:
@@ -64,6 +100,7 @@ class Member:
 
     container_id: str
     stdio: AttachedStdio
+    workspace: Workspace
     born: float = field(default_factory=time.monotonic)
 
 
@@ -89,6 +126,8 @@ class WarmPool:
         fleet: str,
         node: str,
         seccomp: str,
+        workspaces: str,
+        apparmor: str | None = None,
     ) -> None:
         self.name = name
         self.profile = profile
@@ -98,9 +137,13 @@ class WarmPool:
         self.fleet = fleet
         self.node = node
         self.seccomp = seccomp
+        self.workspaces = workspaces
+        self.apparmor = apparmor
         self.ready: deque[Member] = deque()
         self.stats = PoolStats()
         self.creating: set[str] = set()
+        # Workspaces of members being created or waiting, by name.
+        self.workspace_names: set[str] = set()
         self._wanted = asyncio.Event()
         self._failures = 0
         self._backoff_until = 0.0
@@ -172,7 +215,7 @@ class WarmPool:
         while self.ready:
             member = self.ready.popleft()
             member.stdio.abort()
-            await self._remove(member.container_id)
+            await self._remove(member)
 
     async def _wait_for_want(self) -> None:
         # Wake for a claim, or in time to retire the oldest member.
@@ -208,11 +251,18 @@ class WarmPool:
         )
 
     async def _start_member(self) -> Member:
-        config = self._member_config()
         name = f"{self.fleet}-pool-{self.name}-{secrets.token_hex(4)}"
-        container_id = await self.runtime.create(config, name=name)
-        self.creating.add(container_id)
+        workspace = Workspace(self.workspaces, name)
+        self.workspace_names.add(name)
+        container_id = ""
         try:
+            uid, gid = (int(part) for part in self.profile.user.split(":"))
+            await workspace.create(
+                self.profile.limits.workspace_bytes, uid=uid, gid=gid
+            )
+            config = self._member_config(str(workspace.mount))
+            container_id = await self.runtime.create(config, name=name)
+            self.creating.add(container_id)
             stdio = await self.runtime.attach(container_id)
             try:
                 await self.runtime.start(container_id)
@@ -221,34 +271,34 @@ class WarmPool:
                 stdio.abort()
                 raise
         except BaseException:
-            await self._remove(container_id)
+            await self._remove_parts(container_id, workspace)
             raise
         finally:
             self.creating.discard(container_id)
 
-        return Member(container_id=container_id, stdio=stdio)
+        return Member(container_id=container_id, stdio=stdio, workspace=workspace)
 
-    def _member_config(self) -> dict[str, object]:
+    def _member_config(self, workspace: str) -> dict[str, object]:
         spec = SandboxSpec(
             session_id="",
             profile_name=self.name,
-            profile=self.profile.model_copy(
-                update={
-                    "command": [
-                        "/bin/sh",
-                        "-c",
-                        LAUNCHER,
-                        "fleet-launch",
-                        *self.profile.command,
-                    ]
-                }
-            ),
+            profile=with_launcher(self.profile),
             limits=self.profile.limits,
             image=self.image,
+            workspace=workspace,
         )
         return container_config(
-            spec, fleet=self.fleet, node=self.node, seccomp=self.seccomp
+            spec,
+            fleet=self.fleet,
+            node=self.node,
+            seccomp=self.seccomp,
+            apparmor=self.apparmor,
         )
+
+    def handed_out(self, member: Member) -> None:
+        """The member's session holds its workspace from now on; until this
+        call the pool still counts it as its own."""
+        self.workspace_names.discard(member.workspace.dir.name)
 
     async def _probe(self, container_id: str) -> None:
         code = await self.runtime.run_check(
@@ -274,11 +324,20 @@ class WarmPool:
     def discard(self, member: Member) -> None:
         """Destroy a member found unusable."""
         member.stdio.abort()
-        task = asyncio.create_task(self._remove(member.container_id))
+        task = asyncio.create_task(self._remove(member))
         task.add_done_callback(lambda _: None)
 
-    async def _remove(self, container_id: str) -> None:
+    async def _remove(self, member: Member) -> None:
+        await self._remove_parts(member.container_id, member.workspace)
+
+    async def _remove_parts(self, container_id: str, workspace: Workspace) -> None:
+        # The container first: its workspace is unmounted only once no
+        # sandbox holds it.
         try:
-            await self.runtime.remove(container_id)
+            if container_id:
+                await self.runtime.remove(container_id)
+            await workspace.remove()
         except SandboxError:
             log.exception("pool.remove_failed", container_id=container_id)
+        finally:
+            self.workspace_names.discard(workspace.dir.name)

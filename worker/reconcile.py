@@ -1,8 +1,9 @@
 """Reconciliation: what Redis says is running against what Docker runs.
 
 At start-up and on a timer the worker removes every container of its node
-that no session of this process owns, and ends as ``worker_lost`` every
-session whose owner stopped renewing its lease, on any node.
+that no session of this process owns, then every workspace that none
+holds, and ends as ``worker_lost`` every session whose owner stopped
+renewing its lease, on any node.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from shared.errors import SandboxError
 from shared.models import EndCause, Outcome
 from shared.store import SessionStore
 from worker.docker import LABEL_FLEET, LABEL_NODE, LABEL_SESSION, DockerRuntime
+from worker.workspace import leftovers
 
 log = structlog.get_logger("worker.reconcile")
 
@@ -30,6 +32,8 @@ class Reconciler:
         fleet: str,
         node: str,
         owns: Callable[[str, str], bool],
+        workspaces: str,
+        live_workspaces: Callable[[], set[str]],
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -38,14 +42,48 @@ class Reconciler:
         # Whether this process holds a container (by session and id): its
         # runs' and its pools' containers are never touched.
         self.owns = owns
+        self.workspaces = workspaces
+        self.fleet = fleet
+        self.live_workspaces = live_workspaces
 
     async def run_once(self) -> tuple[int, int]:
         """Return (containers removed, sessions ended as lost)."""
         removed = await self.remove_orphans()
+        pruned = await self.prune_workspaces()
         lost = await self.end_lapsed_sessions()
-        if removed or lost:
-            log.info("reconcile.healed", containers_removed=removed, sessions_lost=lost)
+        if removed or lost or pruned:
+            log.info(
+                "reconcile.healed",
+                containers_removed=removed,
+                workspaces_pruned=pruned,
+                sessions_lost=lost,
+            )
         return removed, lost
+
+    async def prune_workspaces(self) -> int:
+        """Remove this fleet's workspaces that no run or pool member holds.
+
+        Called after the orphaned containers are gone, so that none of
+        these is still bound into a sandbox.
+        """
+        found = [
+            workspace
+            for workspace in leftovers(self.workspaces, set())
+            if workspace.dir.name.startswith(f"{self.fleet}-")
+        ]
+        # Read after the listing: a workspace created meanwhile is live.
+        live = self.live_workspaces()
+        pruned = 0
+        for workspace in found:
+            if workspace.dir.name in live:
+                continue
+            try:
+                await workspace.remove()
+            except SandboxError:
+                log.exception("reconcile.workspace_busy", workspace=str(workspace.dir))
+                continue
+            pruned += 1
+        return pruned
 
     async def remove_orphans(self) -> int:
         """Remove this node's labelled containers that no live run owns."""

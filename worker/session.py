@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -34,7 +34,8 @@ from worker.docker import (
     container_config,
 )
 from worker.frames import STDOUT, FrameDecoder, LineBuffer, LineTooLong
-from worker.pool import Member, WarmPool, launch_spec
+from worker.pool import Member, WarmPool, launch_spec, split_secrets, with_launcher
+from worker.workspace import ArchiveTooLarge, Workspace
 
 log = structlog.get_logger("worker.session")
 
@@ -70,12 +71,15 @@ class SessionRunner:
         runtime: DockerRuntime,
         seccomp: str,
         images: Images,
+        apparmor: bool = False,
     ) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.seccomp = seccomp
         self.images = images
+        # Whether this node has AppArmor, so profiles' AppArmor names apply.
+        self.apparmor = apparmor
         self.pools: dict[str, WarmPool] = {}
         self.pool_tasks: list[asyncio.Task[None]] = []
         self.active: dict[str, SessionRun] = {}
@@ -113,6 +117,17 @@ class SessionRunner:
             return True
         return any(pool.owns(container_id) for pool in self.pools.values())
 
+    def workspace_names(self) -> set[str]:
+        """Names of every workspace a run or a pool of this process holds."""
+        names = {
+            run.workspace.dir.name
+            for run in self.active.values()
+            if run.workspace is not None
+        }
+        for pool in self.pools.values():
+            names |= pool.workspace_names
+        return names
+
     async def close_pools(self) -> None:
         """Stop refilling and destroy every waiting member."""
         for task in self.pool_tasks:
@@ -142,6 +157,7 @@ class SessionRun:
         self.profile_name = claim.record["profile"]
         self.container_id: str | None = None
         self.stdio: AttachedStdio | None = None
+        self.workspace: Workspace | None = None
         self._stop_cause: EndCause | None = None
         self._stop_detail: str | None = None
         self._kill_signal: str | None = None
@@ -182,8 +198,11 @@ class SessionRun:
             spec = self._spec()
             member = await self._warm_member()
             if member is not None:
+                await self._fill_workspace()
                 await self._start_warm(member)
             else:
+                await self._new_workspace()
+                await self._fill_workspace()
                 await self._create(spec)
                 await self._start()
         except SandboxError as exc:
@@ -234,6 +253,33 @@ class SessionRun:
             env=self.claim.env,
         )
 
+    def _uid_gid(self) -> tuple[int, int]:
+        uid, gid = self.profile.user.split(":")
+        return int(uid), int(gid)
+
+    async def _new_workspace(self) -> None:
+        name = f"{self.settings.fleet}-{self.session_id}"
+        self.workspace = Workspace(self.settings.worker.workspace_root, name)
+        uid, gid = self._uid_gid()
+        await self.workspace.create(self.limits.workspace_bytes, uid=uid, gid=gid)
+
+    async def _fill_workspace(self) -> None:
+        """Unpack the archive the session waited for, before the agent runs."""
+        if self.claim.record.get("workspace_upload") != "received":
+            return
+        assert self.workspace is not None
+        archive = await self.store.take_upload(self.session_id)
+        if archive is None:
+            raise SandboxError("the uploaded workspace archive is gone")
+        uid, gid = self._uid_gid()
+        files = await self.workspace.put(archive, uid=uid, gid=gid)
+        log.info("session.workspace_filled", files=files, bytes=len(archive))
+
+    def _launch(self) -> bytes:
+        """The launcher's line: per-session variables and secret files."""
+        plain, files = split_secrets(self.profile, self.claim.env)
+        return launch_spec(plain, files)
+
     async def _warm_member(self) -> Member | None:
         """A ready sandbox of the profile, unless the session narrowed limits
         (members run with the profile's) or the pool has none."""
@@ -248,6 +294,9 @@ class SessionRun:
         ):
             pool.discard(member)
             member = pool.take()
+        if member is not None:
+            self.workspace = member.workspace
+            pool.handed_out(member)
         outcome = "miss" if member is None else "hit"
         METRICS.pool_claims.add(1, {"pool": self.profile_name, "outcome": outcome})
         return member
@@ -260,7 +309,7 @@ class SessionRun:
         )
         # The launcher reads this one line, then becomes the agent; the
         # record is written once, after, to keep the warm path to one call.
-        await self.stdio.write(launch_spec(self.claim.env))
+        await self.stdio.write(self._launch())
         await self._mark_running(
             "warm", container_id=self.container_id, image_digest=digest
         )
@@ -274,10 +323,31 @@ class SessionRun:
         )
         METRICS.starts.add(1, {"start": start, "profile": self.profile_name})
         METRICS.running.add(1)
+        await self._audit_start(start)
         record = self.claim.record
         queue_s = (int(record["claimed_ms"]) - int(record["admitted_ms"])) / 1000
         self._phase("queue", queue_s)
         self._phase("sandbox", self._ready_at - self._claimed_at)
+
+    async def _audit_start(self, start: str) -> None:
+        profile, limits = self.profile, self.limits
+        workdir = f"{profile.workdir}=ext4:{limits.workspace_bytes}"
+        tmpfs = f"/tmp:{limits.tmp_bytes},/run,{profile.home}:{limits.home_bytes}"  # noqa: S108
+        await self.store.audit(
+            self.session_id,
+            "started",
+            node=self.settings.worker.node,
+            start=start,
+            container_id=self.container_id or "",
+            image_digest=self.runner.images.digests.get(self.profile_name, ""),
+            mounts=f"{workdir},{tmpfs}",
+            network="none",
+            user=profile.user,
+            limits=limits.model_dump_json(),
+            secrets_as_files=",".join(
+                sorted(set(profile.secret_files) & set(self.claim.env))
+            ),
+        )
 
     def _phase(self, phase: str, seconds: float) -> None:
         self._phase_ms[f"{phase}_ms"] = round(seconds * 1000)
@@ -285,11 +355,18 @@ class SessionRun:
         METRICS.startup.record(seconds, attributes)
 
     async def _create(self, spec: SandboxSpec) -> None:
+        assert self.workspace is not None
+        spec = replace(spec, workspace=str(self.workspace.mount))
+        if self.claim.env:
+            # Per-session values go through the launcher, as in a warm
+            # start, so that none is written into the container's config.
+            spec = replace(spec, profile=with_launcher(spec.profile), env={})
         config = container_config(
             spec,
             fleet=self.settings.fleet,
             node=self.settings.worker.node,
             seccomp=self.runner.seccomp,
+            apparmor=self.profile.apparmor_profile if self.runner.apparmor else None,
         )
         name = f"{self.settings.fleet}-{self.session_id}"
         self.container_id = await self.runtime.create(config, name=name)
@@ -304,6 +381,8 @@ class SessionRun:
         # Attach before start, so not one byte of early output is missed.
         self.stdio = await self.runtime.attach(self.container_id)
         await self.runtime.start(self.container_id)
+        if self.claim.env:
+            await self.stdio.write(self._launch())
         await self._mark_running("cold")
 
     async def _relay(self) -> ExitState | None:
@@ -553,6 +632,9 @@ class SessionRun:
             cause = None
         if cause is None:
             cause = EndCause.OOM_KILLED if oom else EndCause.AGENT_EXIT
+        if cause is EndCause.AGENT_EXIT and code and self._workspace_full():
+            # The agent failed with its workspace full: the disk is why.
+            cause = EndCause.DISK_FULL
         return Outcome(
             cause=cause,
             exit_code=code,
@@ -562,6 +644,9 @@ class SessionRun:
             or (exit_state.error if exit_state else "")
             or None,
         )
+
+    def _workspace_full(self) -> bool:
+        return self.workspace is not None and self.workspace.full()
 
     async def _update(self, fields: dict[str, str]) -> None:
         if not await self.store.update(self.claim, fields):
@@ -573,20 +658,41 @@ class SessionRun:
             METRICS.running.add(-1)
         if self.stdio is not None:
             self.stdio.abort()
+        removed = self.container_id is None
         if self.container_id is not None:
             try:
                 await self.runtime.remove(self.container_id)
+                removed = True
             except SandboxError:
                 log.exception("session.remove_failed")
+        extra = {}
+        if not self._lease_lost:
+            extra = await self._keep_workspace()
+        if self.workspace is not None and removed:
+            # Only now is no sandbox left holding the workspace.
+            try:
+                await self.workspace.remove()
+            except SandboxError:
+                log.exception("session.workspace_remove_failed")
         if self._lease_lost:
             log.info("session.ended", cause="worker_lost", recorded_by="another")
             return
         try:
+            await self.store.audit(
+                self.session_id,
+                "ended",
+                node=self.settings.worker.node,
+                cause=outcome.cause.value,
+                exit_code="" if outcome.exit_code is None else str(outcome.exit_code),
+                oom_killed=str(int(outcome.oom_killed)),
+                kill_signal=outcome.kill_signal or "",
+            )
             ended = await self.store.finish(
                 self.session_id,
                 org=self.claim.org,
                 expect=self.claim.token,
                 outcome=outcome,
+                extra=extra,
             )
         except RedisError:
             # The lease lapses without heartbeats; a sweep then ends the
@@ -606,6 +712,23 @@ class SessionRun:
             **self._phase_ms,
             life_ms=round((time.monotonic() - self._claimed_at) * 1000),
         )
+
+    async def _keep_workspace(self) -> dict[str, str]:
+        """Archive the workspace for the client when the session asked."""
+        if self.workspace is None or self.claim.record.get("workspace_fetch") != "1":
+            return {}
+        limit = self.settings.worker.workspace_archive_max_bytes
+        try:
+            archive = await self.workspace.archive(limit)
+            if not await self.store.put_archive(self.claim, archive):
+                return {}
+        except ArchiveTooLarge as exc:
+            log.warning("session.workspace_too_large", error=str(exc))
+            return {"workspace_archive": "too_large"}
+        except (SandboxError, OSError, RedisError):
+            log.exception("session.workspace_archive_failed")
+            return {"workspace_archive": "failed"}
+        return {"workspace_archive": "stored"}
 
 
 async def _shielded(coro: Awaitable[None]) -> None:
