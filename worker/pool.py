@@ -24,7 +24,13 @@ import structlog
 from shared.errors import SandboxError
 from shared.settings import AgentProfile, PoolConfig
 from shared.telemetry import worker_metrics
-from worker.docker import AttachedStdio, DockerRuntime, SandboxSpec, container_config
+from worker.docker import (
+    AttachedStdio,
+    DockerRuntime,
+    SandboxNetwork,
+    SandboxSpec,
+    container_config,
+)
 
 log = structlog.get_logger("worker.pool")
 
@@ -89,8 +95,13 @@ class WarmPool:
         fleet: str,
         node: str,
         seccomp: str,
+        network: SandboxNetwork | None = None,
     ) -> None:
         self.name = name
+        # Egress members join the internal network from birth: until the
+        # launcher reads the proxy's variables they hold no credentials,
+        # and the proxy answers nothing without them.
+        self.network = network or SandboxNetwork()
         self.profile = profile
         self.config: PoolConfig = profile.pool
         self.image = image
@@ -245,6 +256,7 @@ class WarmPool:
             ),
             limits=self.profile.limits,
             image=self.image,
+            network=self.network,
         )
         return container_config(
             spec, fleet=self.fleet, node=self.node, seccomp=self.seccomp

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from shared.errors import FrameError, LeaseLost, RelayError, SandboxError
 from shared.keys import RETENTION_MS
 from shared.models import EndCause, Outcome
-from shared.settings import FleetSettings
+from shared.settings import AgentProfile, FleetSettings
 from shared.store import Claim, Renewal, SessionStore
 from shared.telemetry import worker_metrics
 from worker.acp import AcpGuard
@@ -30,9 +30,11 @@ from worker.docker import (
     AttachedStdio,
     DockerRuntime,
     ExitState,
+    SandboxNetwork,
     SandboxSpec,
     container_config,
 )
+from worker.egress import Egress
 from worker.frames import STDOUT, FrameDecoder, LineBuffer, LineTooLong
 from worker.pool import Member, WarmPool, launch_spec
 
@@ -70,8 +72,10 @@ class SessionRunner:
         runtime: DockerRuntime,
         seccomp: str,
         images: Images,
+        egress: Egress | None = None,
     ) -> None:
         self.settings = settings
+        self.egress = egress
         self.store = store
         self.runtime = runtime
         self.seccomp = seccomp
@@ -154,6 +158,9 @@ class SessionRun:
         self._claimed_at = time.monotonic()
         self._ready_at = self._claimed_at
         self._phase_ms: dict[str, int] = {}
+        # The proxy variables of an egress session; its credentials live in
+        # the proxy from the spec until cleanup.
+        self._proxy_env: dict[str, str] = {}
 
     async def run(self) -> Outcome:
         """Run the sandbox and return how the session ended."""
@@ -224,6 +231,7 @@ class SessionRun:
         limits = profile.limits.model_copy(update=narrowed)
         self.limits = limits
         self.profile = profile
+        network = self._network(profile)
 
         return SandboxSpec(
             session_id=self.session_id,
@@ -231,8 +239,26 @@ class SessionRun:
             profile=profile,
             limits=limits,
             image=self.runner.images.refs.get(self.profile_name, profile.image),
-            env=self.claim.env,
+            env=self._agent_env(),
+            network=network,
         )
+
+    def _network(self, profile: AgentProfile) -> SandboxNetwork:
+        """Admit an egress session to the proxy; return the network to join."""
+        if profile.network.mode == "none":
+            return SandboxNetwork()
+        egress = self.runner.egress
+        if egress is None:
+            raise SandboxError(
+                f"profile {self.profile_name!r} asks for egress, but this "
+                "worker runs no egress proxy"
+            )
+        self._proxy_env = egress.proxy.register(self.session_id, profile.network)
+        return egress.network
+
+    def _agent_env(self) -> dict[str, str]:
+        # The proxy's variables come last: a session's own cannot replace them.
+        return {**self.claim.env, **self._proxy_env}
 
     async def _warm_member(self) -> Member | None:
         """A ready sandbox of the profile, unless the session narrowed limits
@@ -260,7 +286,7 @@ class SessionRun:
         )
         # The launcher reads this one line, then becomes the agent; the
         # record is written once, after, to keep the warm path to one call.
-        await self.stdio.write(launch_spec(self.claim.env))
+        await self.stdio.write(launch_spec(self._agent_env()))
         await self._mark_running(
             "warm", container_id=self.container_id, image_digest=digest
         )
@@ -578,6 +604,10 @@ class SessionRun:
                 await self.runtime.remove(self.container_id)
             except SandboxError:
                 log.exception("session.remove_failed")
+        if self._proxy_env and self.runner.egress is not None:
+            # Before the end is recorded, so a reader who sees the session
+            # ended also sees every one of its connections.
+            await self.runner.egress.proxy.unregister(self.session_id)
         if self._lease_lost:
             log.info("session.ended", cause="worker_lost", recorded_by="another")
             return
