@@ -103,7 +103,7 @@ class Admission:
             profile=request.profile,
             image=profile.image,
             limits=json.dumps({**profile.limits.model_dump(mode="json"), **limits}),
-            network="none",
+            network=profile.network.model_dump_json(),
             env_names=",".join(sorted(request.env)),
             workspace=request.workspace.model_dump_json(),
         )

@@ -44,6 +44,8 @@ from shared.models import (
     AuditEvent,
     AuditTrail,
     CreateSession,
+    EgressRecord,
+    EgressView,
     EndCause,
     FleetView,
     NodeView,
@@ -262,6 +264,18 @@ def _session_routes(app: FastAPI) -> None:
         principal = fleet.auth.principal(_bearer(authorization))
         record = await _owned_record(fleet, principal, session_id)
         return session_view(session_id, record)
+
+    @app.get("/v1/sessions/{session_id}/egress", response_model=EgressView)
+    async def get_egress(
+        session_id: str, fleet: FleetDep, authorization: AuthHeader = None
+    ) -> EgressView:
+        """Each connection the agent made through the egress proxy, allowed
+        or refused, oldest first; empty for a session without egress."""
+        principal = fleet.auth.principal(_bearer(authorization))
+        await _owned_record(fleet, principal, session_id)
+        entries = await fleet.store.egress_records(session_id)
+        records = [EgressRecord.model_validate(entry) for entry in entries]
+        return EgressView(id=session_id, records=records)
 
     @app.delete("/v1/sessions/{session_id}", response_model=SessionView)
     async def cancel_session(

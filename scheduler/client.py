@@ -127,6 +127,10 @@ class FleetClient:
         """Return a session's state, cause and timings."""
         return await self._call("GET", f"/v1/sessions/{session_id}")
 
+    async def egress(self, session_id: str) -> dict[str, Any]:
+        """Return the connections the session made through the egress proxy."""
+        return await self._call("GET", f"/v1/sessions/{session_id}/egress")
+
     async def cancel(self, session_id: str) -> dict[str, Any]:
         """Cancel a session, queued or running."""
         return await self._call("DELETE", f"/v1/sessions/{session_id}")

@@ -13,6 +13,7 @@
     │   └── AdmissionRefused   a quota, rate or queue bound says no (429)
     ├── LeaseLost              another owner fenced this worker out of a session
     ├── SandboxError           the Docker Engine failed a call for a sandbox
+    ├── EgressRefused          the egress proxy will not carry a connection
     └── RelayError             the stdio relay hit a protocol fault
         └── FrameError         a Docker stream frame header is malformed
 """
@@ -101,6 +102,16 @@ class SandboxError(FleetError):
         super().__init__(message)
         self.status = status
         self.container_id = container_id
+
+
+class EgressRefused(FleetError):
+    """The egress proxy refuses, or cannot carry, one connection."""
+
+    def __init__(self, reason: str, message: str, *, status: int = 403) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.status = status
 
 
 class RelayError(FleetError):

@@ -62,6 +62,12 @@ class Keys:
         Entries a client acknowledged are trimmed."""
         return f"{self.prefix}:session:{session_id}:out"
 
+    def egress(self, session_id: str) -> str:
+        """Stream: one entry per connection the egress proxy allowed or
+        refused for the session (host, port, verdict, reason, bytes each
+        way), capped at the worker's ``egress.records_max``."""
+        return f"{self.prefix}:session:{session_id}:egress"
+
     def lease(self, session_id: str) -> str:
         """String: ``{node}/{fence}`` of the worker that owns the session."""
         return f"{self.prefix}:session:{session_id}:lease"
@@ -334,7 +340,8 @@ return 1
 """
 )
 
-# KEYS: lease, session, org_slots, running, queued, stdout, stdin, upload
+# KEYS: lease, session, org_slots, running, queued, stdout, stdin, upload,
+#       egress
 # ARGV: expect, session_id, retention_ms, end_json, then field/value pairs
 # ``expect`` is the owner's lease token, "queued" (cancel before a claim)
 # or "lapsed" (the owner died: its lease is gone). Returns 1 when ended.
@@ -359,6 +366,8 @@ redis.call('ZREM', KEYS[5], sid)
 redis.call('XADD', KEYS[6], '*', 'end', ARGV[4])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('PEXPIRE', KEYS[6], {output_retention})
+-- The connection log is read alongside the record, so it lives as long.
+redis.call('PEXPIRE', KEYS[9], tonumber(ARGV[3]))
 -- No agent reads stdin any more: what is left of it goes now.
 redis.call('DEL', KEYS[7], KEYS[8])
 return 1

@@ -210,6 +210,45 @@ class AuditTrail(BaseModel):
     events: list[AuditEvent]
 
 
+class EgressVerdict(StrEnum):
+    """What the egress proxy did with one connection."""
+
+    ALLOWED = "allowed"
+    REFUSED = "refused"
+    # Allowed by the policy, but the upstream could not be reached.
+    FAILED = "failed"
+
+
+class EgressRecord(BaseModel):
+    """One connection through the egress proxy, as recorded for its session."""
+
+    host: str
+    port: int
+    method: str
+    verdict: EgressVerdict
+    reason: str
+    address: str | None = None
+    started_ms: int
+    duration_ms: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def stream_fields(self) -> dict[str, str]:
+        """Return the record as the flat strings of a Redis stream entry."""
+        return {
+            name: str(value)
+            for name, value in self.model_dump(mode="json").items()
+            if value is not None
+        }
+
+
+class EgressView(BaseModel):
+    """What ``GET /v1/sessions/{id}/egress`` answers: records, oldest first."""
+
+    id: str
+    records: list[EgressRecord]
+
+
 class NodeView(BaseModel):
     """One worker node as operators see it."""
 

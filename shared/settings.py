@@ -7,6 +7,7 @@ invalid value stops start-up with a ``ConfigError`` naming the field.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -31,6 +32,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
+from shared.allowlist import normalise_host, parse_host_pattern
 from shared.errors import ConfigError
 from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
 
@@ -107,6 +109,59 @@ class PoolConfig(_Strict):
     refill_quiet_ms: int = Field(250, ge=0)
 
 
+class NetworkPolicy(_Strict):
+    """Where a profile's sandboxes may connect: nowhere, or through the proxy.
+
+    ``egress`` puts the sandbox on the node's internal network, whose only
+    way out is the worker's proxy, and the proxy admits only the hosts in
+    ``allow`` on the ports in ``ports``.
+    """
+
+    mode: Literal["none", "egress"] = "none"
+    allow: list[str] = Field(default_factory=list)
+    ports: list[int] = Field(default_factory=lambda: [80, 443])
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _never_host(cls, mode: Any) -> Any:
+        # Said apart from the generic "none or egress": someone asking for
+        # host networking should learn it is refused on purpose.
+        if mode == "host":
+            raise ValueError(
+                "host networking is never offered: a sandbox on the host's "
+                "network could reach every service of the node; use 'egress' "
+                "with an allow-list, or 'none'"
+            )
+        return mode
+
+    @field_validator("allow")
+    @classmethod
+    def _host_patterns(cls, entries: list[str]) -> list[str]:
+        return [parse_host_pattern(entry) for entry in entries]
+
+    @field_validator("ports")
+    @classmethod
+    def _port_numbers(cls, ports: list[int]) -> list[int]:
+        for port in ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{port} is not a TCP port (1 to 65535)")
+        return ports
+
+    @model_validator(mode="after")
+    def _allow_fits_mode(self) -> NetworkPolicy:
+        if self.mode == "egress" and not self.allow:
+            raise ValueError(
+                "egress with an empty allow list refuses every connection; "
+                "list the hosts the agent needs, or use mode 'none'"
+            )
+        if self.mode == "none" and self.allow:
+            raise ValueError(
+                "allow only applies to mode 'egress'; with mode 'none' the "
+                "sandbox has no network at all"
+            )
+        return self
+
+
 class AgentProfile(_Strict):
     """An operator-named way to run one agent image."""
 
@@ -127,6 +182,7 @@ class AgentProfile(_Strict):
     apparmor_profile: str = Field("docker-default", pattern=r"^[A-Za-z0-9_.-]+$")
     limits: Limits
     pool: PoolConfig = Field(default_factory=lambda: PoolConfig())
+    network: NetworkPolicy = Field(default_factory=lambda: NetworkPolicy())
 
     @model_validator(mode="after")
     def _pool_needs_command(self) -> AgentProfile:
@@ -202,6 +258,46 @@ class SchedulerConfig(_Strict):
     workspace_upload_timeout_s: float = Field(60.0, gt=0, le=3600)
 
 
+class EgressConfig(_Strict):
+    """The node's egress proxy, started when a profile uses mode egress."""
+
+    # The proxy listens on the internal network's gateway; 0 picks a port.
+    proxy_port: int = Field(3128, ge=0, le=65535)
+    # The internal network sandboxes join; "{fleet}-egress-{node}" if unset.
+    network: str | None = Field(None, pattern=_NAME_RE)
+    # A PEM bundle on the node, for operators who terminate TLS in front of
+    # the fleet: mounted read-only and named by SSL_CERT_FILE and
+    # NODE_EXTRA_CA_CERTS. The proxy itself never intercepts TLS.
+    ca_bundle: str | None = None
+    # Static name-to-address entries consulted before DNS, like /etc/hosts;
+    # tests use them to point names at servers they started.
+    hosts: dict[str, str] = Field(default_factory=dict)
+    connect_timeout_s: float = Field(10.0, gt=0, le=300)
+    # A tunnel with no byte either way for this long is closed.
+    idle_timeout_s: float = Field(300.0, gt=0, le=24 * 3600)
+    # Connection records kept per session; older ones are trimmed.
+    records_max: int = Field(1000, ge=10, le=100_000)
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _absolute_bundle(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError(f"{path!r} must be an absolute path on the node")
+        return path
+
+    @field_validator("hosts")
+    @classmethod
+    def _addresses(cls, hosts: dict[str, str]) -> dict[str, str]:
+        for name, address in hosts.items():
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(
+                    f"{name!r} maps to {address!r}, which is not an IP address"
+                ) from None
+        return {normalise_host(name): address for name, address in hosts.items()}
+
+
 class WorkerConfig(_Strict):
     """One worker per node."""
 
@@ -231,6 +327,7 @@ class WorkerConfig(_Strict):
     # Prometheus scrapes the worker here; 0 turns the endpoint off.
     metrics_port: int = Field(9464, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    egress: EgressConfig = Field(default_factory=lambda: EgressConfig())
 
     @field_validator("workspace_root")
     @classmethod

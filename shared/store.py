@@ -17,6 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from shared.errors import LeaseLost
 from shared.keys import (
@@ -328,6 +329,7 @@ class SessionStore:
                 k.stdout(session_id),
                 k.stdin(session_id),
                 k.upload(session_id),
+                k.egress(session_id),
             ],
             args=[
                 expect,
@@ -370,6 +372,29 @@ class SessionStore:
             keys=[k.session(session_id), k.stdin(session_id)],
             args=[entry_id, consumed_bytes],
         )
+
+    async def add_egress_record(
+        self, session_id: str, fields: Mapping[str, str], *, max_entries: int
+    ) -> None:
+        """Append one proxy connection record to the session's egress log.
+
+        Not fenced by the lease: a record states what this node's proxy did
+        carry, which stays true whoever owns the session afterwards.
+        """
+        key = self.keys.egress(session_id)
+        entry: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(key, entry, maxlen=max_entries, approximate=False)
+            pipe.pexpire(key, RETENTION_MS)
+            await pipe.execute()
+
+    async def egress_records(self, session_id: str) -> list[dict[str, str]]:
+        """Return the session's egress records, oldest first."""
+        entries = await self.redis.xrange(self.keys.egress(session_id))
+        return [
+            {_text(name): _text(value) for name, value in fields.items()}
+            for _, fields in entries
+        ]
 
     async def last_id(self, key: str) -> str | None:
         """Return the id of a stream's last entry, or None when it is empty."""

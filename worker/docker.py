@@ -30,6 +30,8 @@ LABEL_POOL = "io.acp-fleet.pool"
 # the per-sandbox bound.
 NPROC_BACKSTOP = 65_536
 _READ_BYTES = 256 * 1024
+# Where an operator's CA bundle appears inside an egress sandbox.
+CA_BUNDLE_PATH = "/etc/acp-fleet/ca.pem"
 
 
 def seccomp_profile() -> str:
@@ -37,6 +39,16 @@ def seccomp_profile() -> str:
     text = resources.files("worker").joinpath("seccomp.json").read_text()
     # Compact it: Docker takes the profile inline in SecurityOpt.
     return json.dumps(json.loads(text), separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class SandboxNetwork:
+    """The network a sandbox joins: none at all, or the node's egress one."""
+
+    # A Docker network name; "none" gives the sandbox loopback only.
+    name: str = "none"
+    # A CA bundle on the node, mounted read-only at CA_BUNDLE_PATH.
+    ca_bundle: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ class SandboxSpec:
     # The node's mount of the sandbox's workspace filesystem; None puts a
     # tmpfs there instead, whose files go with the container.
     workspace: str | None = None
+    network: SandboxNetwork = field(default_factory=SandboxNetwork)
 
 
 def container_config(
@@ -108,6 +121,10 @@ def container_config(
         host_config.update(limits.io.host_config())
     if apparmor:
         host_config["SecurityOpt"] = [f"apparmor={apparmor}"]
+    network = spec.network
+    if network.ca_bundle:
+        # OpenSSL-based clients read the first, node the second.
+        env |= {"SSL_CERT_FILE": CA_BUNDLE_PATH, "NODE_EXTRA_CA_CERTS": CA_BUNDLE_PATH}
     return {
         "Image": spec.image,
         "Cmd": profile.command or None,
@@ -128,9 +145,9 @@ def container_config(
         "AttachStdout": True,
         "AttachStderr": True,
         "Tty": False,
-        "NetworkDisabled": True,
+        "NetworkDisabled": network.name == "none",
         "HostConfig": {
-            "NetworkMode": "none",
+            "NetworkMode": network.name,
             "CapDrop": ["ALL"],
             "SecurityOpt": [
                 "no-new-privileges:true",
@@ -139,7 +156,7 @@ def container_config(
             ],
             "ReadonlyRootfs": True,
             "Tmpfs": tmpfs_mounts,
-            "Mounts": mounts,
+            "Mounts": mounts + _mounts(network),
             # An init as PID 1 reaps zombies and forwards SIGTERM, so a stop
             # does not wait out its whole timeout.
             "Init": True,
@@ -158,6 +175,19 @@ def container_config(
             **host_config,
         },
     }
+
+
+def _mounts(network: SandboxNetwork) -> list[dict[str, Any]]:
+    if not network.ca_bundle:
+        return []
+    return [
+        {
+            "Type": "bind",
+            "Source": network.ca_bundle,
+            "Target": CA_BUNDLE_PATH,
+            "ReadOnly": True,
+        }
+    ]
 
 
 @dataclass(frozen=True)
@@ -366,6 +396,61 @@ class DockerRuntime:
             if exc.status != 404:
                 raise
 
+    async def ensure_internal_network(
+        self, name: str, *, labels: Mapping[str, str]
+    ) -> str:
+        """Create the internal network ``name`` unless it exists; return its
+        gateway address, where the host is reachable from the network.
+
+        Raises:
+            SandboxError: a network of that name exists but has a route out.
+        """
+        try:
+            info = await self._call(self.docker.networks.get(name))
+            details = await self._call(info.show())
+        except SandboxError as exc:
+            if exc.status != 404:
+                raise
+            details = await self._create_internal_network(name, labels)
+        if not details.get("Internal"):
+            raise SandboxError(
+                f"network {name!r} exists but is not internal, so sandboxes on "
+                "it could bypass the egress proxy; remove it or name another "
+                "one in worker.egress.network"
+            )
+
+        return _gateway(name, details)
+
+    async def _create_internal_network(
+        self, name: str, labels: Mapping[str, str]
+    ) -> dict[str, Any]:
+        config = {
+            "Name": name,
+            "Driver": "bridge",
+            # No route out: the host's gateway address is all it reaches.
+            "Internal": True,
+            "CheckDuplicate": True,
+            "Labels": dict(labels),
+            # Sandboxes on it must not reach one another either.
+            "Options": {"com.docker.network.bridge.enable_icc": "false"},
+        }
+        network = await self._call(self.docker.networks.create(config))
+        details: dict[str, Any] = await self._call(network.show())
+        return details
+
+    async def remove_network(self, name: str) -> bool:
+        """Remove a network; False when sandboxes still use it. Gone is fine."""
+        try:
+            network = await self._call(self.docker.networks.get(name))
+            await self._call(network.delete())
+        except SandboxError as exc:
+            if exc.status == 404:
+                return True
+            if exc.status in (403, 409):
+                return False
+            raise
+        return True
+
     async def labelled(self, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         """Return every container, running or not, carrying all ``labels``."""
         filters = {"label": [f"{name}={value}" for name, value in labels.items()]}
@@ -387,3 +472,10 @@ class DockerRuntime:
                 f"Docker Engine unreachable at {self.url}: {exc}",
                 container_id=container_id,
             ) from exc
+
+
+def _gateway(name: str, details: Mapping[str, Any]) -> str:
+    for pool in (details.get("IPAM") or {}).get("Config") or []:
+        if pool.get("Gateway"):
+            return str(pool["Gateway"])
+    raise SandboxError(f"network {name!r} has no gateway address")

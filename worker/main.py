@@ -18,10 +18,12 @@ from redis.exceptions import RedisError
 from shared.errors import SandboxError
 from shared.keys import Keys
 from shared.logs import configure_logging
+from shared.models import EgressRecord
 from shared.settings import FleetSettings
 from shared.store import SessionStore
 from shared.telemetry import configure_metrics
 from worker.docker import DockerRuntime, seccomp_profile
+from worker.egress import start_egress, stop_egress
 from worker.pool import WarmPool
 from worker.reconcile import Reconciler
 from worker.session import Images, SessionRunner
@@ -87,6 +89,12 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
     blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
     store = SessionStore(ctx["redis"], keys=keys, blocking=blocking)
     images = await _resolve_images(runtime, settings)
+    max_records = settings.worker.egress.records_max
+
+    async def record(session_id: str, entry: EgressRecord) -> None:
+        fields = entry.stream_fields()
+        await store.add_egress_record(session_id, fields, max_entries=max_records)
+
     runner = SessionRunner(
         settings=settings,
         store=store,
@@ -94,6 +102,7 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
         seccomp=seccomp_profile(),
         images=images,
         apparmor=host_has_apparmor(),
+        egress=await start_egress(settings, runtime, record=record),
     )
     reconciler = Reconciler(
         store=store,
@@ -131,6 +140,7 @@ def _start_pools(runner: SessionRunner, settings: FleetSettings) -> None:
     for name, profile in settings.profiles.items():
         if profile.pool.size == 0:
             continue
+        egress = runner.egress if profile.network.mode == "egress" else None
         pool = WarmPool(
             name=name,
             profile=profile,
@@ -141,6 +151,7 @@ def _start_pools(runner: SessionRunner, settings: FleetSettings) -> None:
             seccomp=runner.seccomp,
             workspaces=settings.worker.workspace_root,
             apparmor=profile.apparmor_profile if runner.apparmor else None,
+            network=egress.network if egress else None,
         )
         runner.pools[name] = pool
         runner.pool_tasks.append(
@@ -228,6 +239,8 @@ async def _stop(ctx: dict[str, Any]) -> None:
         await ctx["runner"].wait_idle(timeout_s=_CLEANUP_WAIT_S)
     if "runner" in ctx:
         await ctx["runner"].close_pools()
+        if ctx["runner"].egress is not None:
+            await stop_egress(ctx["runner"].egress, ctx["runtime"])
     for name in ("reconcile_task", "node_task"):
         task = ctx.get(name)
         if task is not None:

@@ -24,7 +24,13 @@ import structlog
 from shared.errors import SandboxError
 from shared.settings import AgentProfile, PoolConfig
 from shared.telemetry import worker_metrics
-from worker.docker import AttachedStdio, DockerRuntime, SandboxSpec, container_config
+from worker.docker import (
+    AttachedStdio,
+    DockerRuntime,
+    SandboxNetwork,
+    SandboxSpec,
+    container_config,
+)
 from worker.workspace import Workspace
 
 log = structlog.get_logger("worker.pool")
@@ -128,8 +134,13 @@ class WarmPool:
         seccomp: str,
         workspaces: str,
         apparmor: str | None = None,
+        network: SandboxNetwork | None = None,
     ) -> None:
         self.name = name
+        # Egress members join the internal network from birth: until the
+        # launcher reads the proxy's variables they hold no credentials,
+        # and the proxy answers nothing without them.
+        self.network = network or SandboxNetwork()
         self.profile = profile
         self.config: PoolConfig = profile.pool
         self.image = image
@@ -286,6 +297,7 @@ class WarmPool:
             limits=self.profile.limits,
             image=self.image,
             workspace=workspace,
+            network=self.network,
         )
         return container_config(
             spec,

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from shared.errors import FrameError, LeaseLost, RelayError, SandboxError
 from shared.keys import RETENTION_MS
 from shared.models import EndCause, Outcome
-from shared.settings import FleetSettings
+from shared.settings import AgentProfile, FleetSettings
 from shared.store import Claim, Renewal, SessionStore
 from shared.telemetry import worker_metrics
 from worker.acp import AcpGuard
@@ -30,9 +30,11 @@ from worker.docker import (
     AttachedStdio,
     DockerRuntime,
     ExitState,
+    SandboxNetwork,
     SandboxSpec,
     container_config,
 )
+from worker.egress import Egress
 from worker.frames import STDOUT, FrameDecoder, LineBuffer, LineTooLong
 from worker.pool import Member, WarmPool, launch_spec, split_secrets, with_launcher
 from worker.workspace import ArchiveTooLarge, Workspace
@@ -72,8 +74,10 @@ class SessionRunner:
         seccomp: str,
         images: Images,
         apparmor: bool = False,
+        egress: Egress | None = None,
     ) -> None:
         self.settings = settings
+        self.egress = egress
         self.store = store
         self.runtime = runtime
         self.seccomp = seccomp
@@ -158,6 +162,7 @@ class SessionRun:
         self.container_id: str | None = None
         self.stdio: AttachedStdio | None = None
         self.workspace: Workspace | None = None
+        self._via_launcher = False
         self._stop_cause: EndCause | None = None
         self._stop_detail: str | None = None
         self._kill_signal: str | None = None
@@ -170,6 +175,9 @@ class SessionRun:
         self._claimed_at = time.monotonic()
         self._ready_at = self._claimed_at
         self._phase_ms: dict[str, int] = {}
+        # The proxy variables of an egress session; its credentials live in
+        # the proxy from the spec until cleanup.
+        self._proxy_env: dict[str, str] = {}
 
     async def run(self) -> Outcome:
         """Run the sandbox and return how the session ended."""
@@ -243,6 +251,7 @@ class SessionRun:
         limits = profile.limits.model_copy(update=narrowed)
         self.limits = limits
         self.profile = profile
+        network = self._network(profile)
 
         return SandboxSpec(
             session_id=self.session_id,
@@ -250,7 +259,8 @@ class SessionRun:
             profile=profile,
             limits=limits,
             image=self.runner.images.refs.get(self.profile_name, profile.image),
-            env=self.claim.env,
+            env=self._agent_env(),
+            network=network,
         )
 
     def _uid_gid(self) -> tuple[int, int]:
@@ -277,8 +287,24 @@ class SessionRun:
 
     def _launch(self) -> bytes:
         """The launcher's line: per-session variables and secret files."""
-        plain, files = split_secrets(self.profile, self.claim.env)
+        plain, files = split_secrets(self.profile, self._agent_env())
         return launch_spec(plain, files)
+    def _network(self, profile: AgentProfile) -> SandboxNetwork:
+        """Admit an egress session to the proxy; return the network to join."""
+        if profile.network.mode == "none":
+            return SandboxNetwork()
+        egress = self.runner.egress
+        if egress is None:
+            raise SandboxError(
+                f"profile {self.profile_name!r} asks for egress, but this "
+                "worker runs no egress proxy"
+            )
+        self._proxy_env = egress.proxy.register(self.session_id, profile.network)
+        return egress.network
+
+    def _agent_env(self) -> dict[str, str]:
+        # The proxy's variables come last: a session's own cannot replace them.
+        return {**self.claim.env, **self._proxy_env}
 
     async def _warm_member(self) -> Member | None:
         """A ready sandbox of the profile, unless the session narrowed limits
@@ -341,7 +367,7 @@ class SessionRun:
             container_id=self.container_id or "",
             image_digest=self.runner.images.digests.get(self.profile_name, ""),
             mounts=f"{workdir},{tmpfs}",
-            network="none",
+            network=profile.network.mode,
             user=profile.user,
             limits=limits.model_dump_json(),
             secrets_as_files=",".join(
@@ -357,7 +383,8 @@ class SessionRun:
     async def _create(self, spec: SandboxSpec) -> None:
         assert self.workspace is not None
         spec = replace(spec, workspace=str(self.workspace.mount))
-        if self.claim.env:
+        self._via_launcher = bool(spec.env)
+        if self._via_launcher:
             # Per-session values go through the launcher, as in a warm
             # start, so that none is written into the container's config.
             spec = replace(spec, profile=with_launcher(spec.profile), env={})
@@ -381,7 +408,7 @@ class SessionRun:
         # Attach before start, so not one byte of early output is missed.
         self.stdio = await self.runtime.attach(self.container_id)
         await self.runtime.start(self.container_id)
-        if self.claim.env:
+        if self._via_launcher:
             await self.stdio.write(self._launch())
         await self._mark_running("cold")
 
@@ -674,6 +701,10 @@ class SessionRun:
                 await self.workspace.remove()
             except SandboxError:
                 log.exception("session.workspace_remove_failed")
+        if self._proxy_env and self.runner.egress is not None:
+            # Before the end is recorded, so a reader who sees the session
+            # ended also sees every one of its connections.
+            await self.runner.egress.proxy.unregister(self.session_id)
         if self._lease_lost:
             log.info("session.ended", cause="worker_lost", recorded_by="another")
             return

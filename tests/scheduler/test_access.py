@@ -82,7 +82,7 @@ class TestAuditTrail:
         assert created["org"] == "acme"
         assert created["remote"] == "127.0.0.1"
         assert created["profile"] == "exit3"
-        assert created["network"] == "none"
+        assert json.loads(created["network"])["mode"] == "none"
         assert json.loads(created["limits"])["memory_bytes"] == 32 * 1024 * 1024
         assert started["node"] == ran.view["node"]
         assert started["image_digest"] == ran.view["image_digest"]

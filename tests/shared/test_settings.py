@@ -215,3 +215,68 @@ class TestLoadSettings:
         )
 
         assert load_settings(path).worker.heartbeat_ms == 3333
+
+
+class TestNetworkPolicy:
+    """A profile's network is none by default, egress on request, never host."""
+
+    NETWORK = '[profiles.coder.network]\nmode = "{mode}"\nallow = {allow}\n'
+
+    def network_config(self, tmp_path: Path, mode: str, allow: str = "[]") -> Path:
+        network = self.NETWORK.format(mode=mode, allow=allow)
+        profile = PROFILE.format(memory="1g", pids=64)
+        return write_config(tmp_path, HEADER + profile + network)
+
+    def test_default_is_no_network(self, tmp_path: Path) -> None:
+        """A profile that says nothing about its network gets none."""
+        path = write_config(tmp_path, HEADER + PROFILE.format(memory="1g", pids=64))
+
+        network = load_settings(path).profiles["coder"].network
+
+        assert (network.mode, network.allow, network.ports) == ("none", [], [80, 443])
+
+    def test_egress_keeps_canonical_entries(self, tmp_path: Path) -> None:
+        """Egress entries are stored lower-case, without a trailing dot."""
+        path = self.network_config(
+            tmp_path, "egress", '["API.Example.com.", "*.pypi.org", "203.0.113.7"]'
+        )
+
+        network = load_settings(path).profiles["coder"].network
+
+        assert network.allow == ["api.example.com", "*.pypi.org", "203.0.113.7"]
+
+    def test_host_mode_is_refused_as_never_offered(self, tmp_path: Path) -> None:
+        """mode host is refused, naming the field and saying it is never offered."""
+        path = self.network_config(tmp_path, "host")
+
+        message = load_error(path)
+
+        assert "profiles.coder.network.mode: host networking is never offered" in (
+            message
+        )
+
+    @pytest.mark.parametrize("entry", ["foo.*.com", "*example.com", "*", "*.com"])
+    def test_bad_wildcard_is_refused(self, tmp_path: Path, entry: str) -> None:
+        """A wildcard anywhere but a leading '*.' over two labels is refused."""
+        path = self.network_config(tmp_path, "egress", f'["{entry}"]')
+
+        message = load_error(path)
+
+        assert f"profiles.coder.network.allow: {entry!r}" in message
+
+    def test_egress_without_hosts_is_refused(self, tmp_path: Path) -> None:
+        """Egress with an empty allow list is refused: it could reach nothing."""
+        path = self.network_config(tmp_path, "egress")
+
+        message = load_error(path)
+
+        assert "profiles.coder.network: egress with an empty allow list" in message
+
+    def test_worker_hosts_must_map_to_addresses(self, tmp_path: Path) -> None:
+        """A static host entry that is not an IP address is refused by name."""
+        worker = '[worker.egress.hosts]\n"pypi.org" = "somewhere"\n'
+        path = write_config(tmp_path, HEADER + worker)
+
+        message = load_error(path)
+
+        assert "worker.egress.hosts: 'pypi.org' maps to 'somewhere'" in message
