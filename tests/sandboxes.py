@@ -95,7 +95,11 @@ PROFILES: dict[str, Any] = {
         "(unshare -U true || echo unshare refused) 2>/dev/null; id -u"
     ),
     # Each shell forks two more, forever; only the pids limit stops it.
-    "fork-bomb": busybox_profile("b() { b | b & }; b; sleep 3; echo survived"),
+    # The sleeper is forked before the bomb: once the bomb holds every pid,
+    # ash exits on any fork of its own, so after it only builtins may run.
+    "fork-bomb": busybox_profile(
+        "sleep 3 & s=$!; b() { b | b & }; b; wait $s; echo survived"
+    ),
     "secret": {
         **busybox_profile('test -n "$TOKEN" && cat'),
         "env_allowed": ["TOKEN"],
