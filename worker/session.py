@@ -175,6 +175,7 @@ class SessionRun:
         self._claimed_at = time.monotonic()
         self._ready_at = self._claimed_at
         self._phase_ms: dict[str, int] = {}
+        self._formatting: asyncio.Task[None] | None = None
         # The proxy variables of an egress session; its credentials live in
         # the proxy from the spec until cleanup.
         self._proxy_env: dict[str, str] = {}
@@ -209,10 +210,7 @@ class SessionRun:
                 await self._fill_workspace()
                 await self._start_warm(member)
             else:
-                await self._new_workspace()
-                await self._fill_workspace()
-                await self._create(spec)
-                await self._start()
+                await self._start_cold(spec)
         except SandboxError as exc:
             log.exception("session.start_failed", docker_status=exc.status)
             return Outcome(cause=EndCause.START_FAILED, detail=str(exc))
@@ -267,11 +265,27 @@ class SessionRun:
         uid, gid = self.profile.user.split(":")
         return int(uid), int(gid)
 
-    async def _new_workspace(self) -> None:
+    async def _start_cold(self, spec: SandboxSpec) -> None:
+        """Create a sandbox while its workspace is formatted, then start it.
+
+        Docker resolves a bind mount when the container starts, not when it
+        is created, so formatting and mounting (tens of milliseconds) overlap
+        the Engine's create and attach instead of preceding them.
+        """
         name = f"{self.settings.fleet}-{self.session_id}"
         self.workspace = Workspace(self.settings.worker.workspace_root, name)
         uid, gid = self._uid_gid()
-        await self.workspace.create(self.limits.workspace_bytes, uid=uid, gid=gid)
+        # The directories exist before the create that names them.
+        self.workspace.make_dirs()
+        self._formatting = asyncio.create_task(
+            self.workspace.format(self.limits.workspace_bytes, uid=uid, gid=gid)
+        )
+        await self._create(spec)
+        # Attach before start, so not one byte of early output is missed.
+        self.stdio = await self.runtime.attach(self.container_id or "")
+        await self._formatting
+        await self._fill_workspace()
+        await self._start()
 
     async def _fill_workspace(self) -> None:
         """Unpack the archive the session waited for, before the agent runs."""
@@ -289,6 +303,7 @@ class SessionRun:
         """The launcher's line: per-session variables and secret files."""
         plain, files = split_secrets(self.profile, self._agent_env())
         return launch_spec(plain, files)
+
     def _network(self, profile: AgentProfile) -> SandboxNetwork:
         """Admit an egress session to the proxy; return the network to join."""
         if profile.network.mode == "none":
@@ -404,9 +419,7 @@ class SessionRun:
         await self._update({"container_id": self.container_id, "image_digest": digest})
 
     async def _start(self) -> None:
-        assert self.container_id is not None
-        # Attach before start, so not one byte of early output is missed.
-        self.stdio = await self.runtime.attach(self.container_id)
+        assert self.container_id is not None and self.stdio is not None
         await self.runtime.start(self.container_id)
         if self._via_launcher:
             await self.stdio.write(self._launch())
@@ -695,6 +708,9 @@ class SessionRun:
         extra = {}
         if not self._lease_lost:
             extra = await self._keep_workspace()
+        if self._formatting is not None:
+            # A create that failed must not race the mount still being made.
+            await asyncio.gather(self._formatting, return_exceptions=True)
         if self.workspace is not None and removed:
             # Only now is no sandbox left holding the workspace.
             try:

@@ -47,10 +47,18 @@ class Workspace:
 
     async def create(self, size_bytes: int, *, uid: int, gid: int) -> None:
         """Format and mount an empty filesystem of ``size_bytes``, owned by uid."""
+        self.make_dirs()
+        await self.format(size_bytes, uid=uid, gid=gid)
+
+    def make_dirs(self) -> None:
+        """Make the workspace's directory and its (still empty) mount point."""
         # 0700 on the directory: no other user of the node reads a session's
         # files, whatever modes the agent gives them.
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=False)
         self.mount.mkdir(mode=0o700)
+
+    async def format(self, size_bytes: int, *, uid: int, gid: int) -> None:
+        """Format the filesystem and mount it on the directories made first."""
         try:
             with self.image.open("wb") as handle:
                 handle.truncate(size_bytes)
