@@ -13,12 +13,15 @@ import uuid
 
 import structlog
 from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 
 from scheduler.auth import Authenticator
 from shared.errors import AdmissionRefused, InvalidRequest
-from shared.models import CreateSession, EndCause, Outcome, SessionCreated, SessionState
+from shared.models import CreateSession, SessionCreated, SessionState
 from shared.settings import AgentProfile, FleetSettings
-from shared.store import SessionStore
+from shared.store import QueuedJob, Quota, SessionStore
 from shared.telemetry import scheduler_metrics
 
 log = structlog.get_logger("scheduler.admission")
@@ -69,18 +72,14 @@ class Admission:
         _check_env(profile, request.env)
         limits = _narrow(profile, request)
         session_id = uuid.uuid4().hex
-        scheduler = self.settings.scheduler
-        slot_ttl_ms = scheduler.queue_slot_ttl_s * 1000
-        org_config = self.settings.orgs[org]
         admission = await self.store.admit(
             session_id,
             org=org,
-            max_sessions=org_config.max_sessions,
-            per_minute=org_config.sessions_per_minute,
-            queue_max=scheduler.queue_max_depth,
-            slot_ttl_ms=slot_ttl_ms,
-            session_ttl_ms=slot_ttl_ms + profile.limits.lifetime_s * 1000 * 2,
+            quota=self._quota(org, profile),
             fields=_record_fields(request, limits),
+            env=request.env,
+            audit=_created_event(org, remote, request, profile, limits),
+            job=None if request.workspace.upload else self._job(session_id),
         )
         outcome = "admitted" if admission.admitted else admission.reason or "refused"
         scheduler_metrics().admissions.add(1, {"outcome": outcome})
@@ -92,21 +91,6 @@ class Admission:
                 _REFUSALS.get(reason, "Admission refused."),
                 retry_after_s=max(1, math.ceil(admission.retry_after_ms / 1000)),
             )
-        await self._prepare(
-            session_id, org, request, slot_ttl_ms, wait=request.workspace.upload
-        )
-        await self.store.audit(
-            session_id,
-            "created",
-            org=org,
-            remote=remote,
-            profile=request.profile,
-            image=profile.image,
-            limits=json.dumps({**profile.limits.model_dump(mode="json"), **limits}),
-            network=profile.network.model_dump_json(),
-            env_names=",".join(sorted(request.env)),
-            workspace=request.workspace.model_dump_json(),
-        )
         token, expires_ms = self.auth.mint(session_id, org)
         log.info(
             "session.admitted", session_id=session_id, org=org, profile=request.profile
@@ -139,29 +123,54 @@ class Admission:
             _queue_name=self.store.keys.arq_queue,
         )
 
-    async def _prepare(
-        self,
-        session_id: str,
-        org: str,
-        request: CreateSession,
-        ttl_ms: int,
-        *,
-        wait: bool,
-    ) -> None:
-        try:
-            await self.store.put_env(session_id, request.env, ttl_ms)
-            if not wait:
-                await self.enqueue(session_id)
-        except Exception:
-            # Give the slot back: an admitted session that never reached the
-            # queue would otherwise hold it until the slot lapses.
-            await self.store.finish(
-                session_id,
-                org=org,
-                expect="queued",
-                outcome=Outcome(cause=EndCause.START_FAILED, detail="enqueue failed"),
-            )
-            raise
+    def _quota(self, org: str, profile: AgentProfile) -> Quota:
+        scheduler = self.settings.scheduler
+        org_config = self.settings.orgs[org]
+        slot_ttl_ms = scheduler.queue_slot_ttl_s * 1000
+        return Quota(
+            max_sessions=org_config.max_sessions,
+            per_minute=org_config.sessions_per_minute,
+            queue_max=scheduler.queue_max_depth,
+            slot_ttl_ms=slot_ttl_ms,
+            session_ttl_ms=slot_ttl_ms + profile.limits.lifetime_s * 1000 * 2,
+        )
+
+    def _job(self, session_id: str) -> QueuedJob:
+        """The session's arq job, as ``enqueue`` would write it."""
+        now_ms = timestamp_ms()
+        payload = serialize_job(
+            "run_session",
+            (session_id,),
+            {},
+            None,
+            now_ms,
+            serializer=self.arq.job_serializer,
+        )
+        return QueuedJob(
+            key=job_key_prefix + session_id,
+            payload=payload,
+            score_ms=now_ms,
+            ttl_ms=self.arq.expires_extra_ms,
+        )
+
+
+def _created_event(
+    org: str,
+    remote: str,
+    request: CreateSession,
+    profile: AgentProfile,
+    limits: dict[str, int],
+) -> dict[str, str]:
+    return {
+        "org": org,
+        "remote": remote,
+        "profile": request.profile,
+        "image": profile.image,
+        "limits": json.dumps({**profile.limits.model_dump(mode="json"), **limits}),
+        "network": profile.network.model_dump_json(),
+        "env_names": ",".join(sorted(request.env)),
+        "workspace": request.workspace.model_dump_json(),
+    }
 
 
 def _record_fields(request: CreateSession, limits: dict[str, int]) -> dict[str, str]:

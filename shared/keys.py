@@ -17,6 +17,9 @@ RETENTION_MS = 24 * 3600 * 1000
 # An ended session's output stays this long for a client to collect its
 # tail; shorter than the record, since unread output can be megabytes.
 OUTPUT_RETENTION_MS = 3600 * 1000
+# A session's audit trail keeps its newest events up to this many; a
+# session has a handful, so only a misbehaving client reaches it.
+AUDIT_MAX_EVENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -131,9 +134,16 @@ local function expire_at_last(key)
 end
 """
 
-# KEYS: org_slots, org_rate, queued, session, org_sessions
+# Admission is one script, so that a session is counted, recorded, given
+# its environment, audited and queued for a worker all at once or not at
+# all: no crash between two calls leaves a slot without its job.
+# KEYS: org_slots, org_rate, queued, session, org_sessions, session_env,
+#       audit, job, job_queue
 # ARGV: session_id, max_sessions, per_minute, queue_max, slot_ttl_ms,
-#       session_ttl_ms, then field/value pairs for the record
+#       session_ttl_ms, then counts of the record, env and audit items,
+#       the arq job ('' to hold the session back), its score and lifetime,
+#       then the record's, the environment's and the audit event's
+#       field/value pairs, in that order
 # Returns {"ok", now_ms} or {reason, retry_after_ms}.
 ADMIT = (
     _NOW
@@ -159,14 +169,32 @@ redis.call('ZADD', KEYS[2], now, sid)
 redis.call('PEXPIRE', KEYS[2], {window})
 redis.call('ZADD', KEYS[3], now, sid)
 redis.call('PEXPIRE', KEYS[3], slot_ttl)
+local n_record, n_env, n_audit = tonumber(ARGV[7]), tonumber(ARGV[8]),
+                                 tonumber(ARGV[9])
+local first = 13
 redis.call('HSET', KEYS[4], 'state', 'queued', 'admitted_ms', now,
-           unpack(ARGV, 7))
+           unpack(ARGV, first, first + n_record - 1))
 redis.call('PEXPIRE', KEYS[4], tonumber(ARGV[6]))
+first = first + n_record
+if n_env > 0 then
+  redis.call('HSET', KEYS[6], unpack(ARGV, first, first + n_env - 1))
+  redis.call('PEXPIRE', KEYS[6], slot_ttl)
+end
+first = first + n_env
+redis.call('XADD', KEYS[7], 'MAXLEN', {audit_max}, '*',
+           unpack(ARGV, first, first + n_audit - 1))
+redis.call('PEXPIRE', KEYS[7], {retention})
 redis.call('ZADD', KEYS[5], now, sid)
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - {retention})
 redis.call('PEXPIRE', KEYS[5], {retention})
+if ARGV[10] ~= '' then
+  redis.call('SET', KEYS[8], ARGV[10], 'PX', tonumber(ARGV[12]))
+  redis.call('ZADD', KEYS[9], tonumber(ARGV[11]), sid)
+end
 return {'ok', now}
-""".replace("{window}", str(RATE_WINDOW_MS)).replace("{retention}", str(RETENTION_MS))
+""".replace("{window}", str(RATE_WINDOW_MS))
+    .replace("{retention}", str(RETENTION_MS))
+    .replace("{audit_max}", str(AUDIT_MAX_EVENTS))
 )
 
 # KEYS: session, lease, queued, org_slots, fence, session_env, running

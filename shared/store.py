@@ -24,6 +24,7 @@ from shared.keys import (
     ACK,
     ADMIT,
     APPEND,
+    AUDIT_MAX_EVENTS,
     CLAIM,
     FINISH,
     OUTPUT_RETENTION_MS,
@@ -40,8 +41,6 @@ from shared.keys import (
 from shared.models import EndCause, Outcome
 
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
-# A session's audit trail is a handful of events; this bounds a runaway one.
-_AUDIT_MAX_EVENTS = 1000
 
 # A blocking read is cut into slices this much shorter than the client's
 # socket timeout, so the reply always lands before the socket gives up.
@@ -69,6 +68,28 @@ class Admission:
     reason: str | None = None
     retry_after_ms: int = 0
     admitted_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Quota:
+    """The bounds one admission is checked against."""
+
+    max_sessions: int
+    per_minute: int
+    queue_max: int
+    # How long a queued session holds its slot, and its record lives.
+    slot_ttl_ms: int
+    session_ttl_ms: int
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """An arq job, serialized by arq, for the admission script to queue."""
+
+    key: str
+    payload: bytes
+    score_ms: int
+    ttl_ms: int
 
 
 @dataclass(frozen=True)
@@ -107,16 +128,25 @@ class SessionStore:
         session_id: str,
         *,
         org: str,
-        max_sessions: int,
-        per_minute: int,
-        queue_max: int,
-        slot_ttl_ms: int,
-        session_ttl_ms: int,
+        quota: Quota,
         fields: Mapping[str, str],
+        env: Mapping[str, str],
+        audit: Mapping[str, str],
+        job: QueuedJob | None,
     ) -> Admission:
-        """Count the session against its org's quotas and record it as queued."""
+        """Count the session against its org's quotas; if there is room,
+        record it as queued with its environment and first audit event, and
+        queue ``job`` for the workers, all in one atomic step.
+
+        ``job`` is None for a session that waits for its workspace archive;
+        the upload enqueues it later.
+        """
         k = self.keys
-        flat = [item for pair in fields.items() for item in pair]
+        lists = [
+            _flat({"org": org, **fields}),
+            _flat(env),
+            _flat({"event": "created", **audit}),
+        ]
         reply = await self._admit(
             keys=[
                 k.org_slots(org),
@@ -124,17 +154,23 @@ class SessionStore:
                 k.queued,
                 k.session(session_id),
                 k.org_sessions(org),
+                k.session_env(session_id),
+                k.audit(session_id),
+                job.key if job else "",
+                k.arq_queue,
             ],
             args=[
                 session_id,
-                max_sessions,
-                per_minute,
-                queue_max,
-                slot_ttl_ms,
-                session_ttl_ms,
-                "org",
-                org,
-                *flat,
+                quota.max_sessions,
+                quota.per_minute,
+                quota.queue_max,
+                quota.slot_ttl_ms,
+                quota.session_ttl_ms,
+                *(len(items) for items in lists),
+                job.payload if job else b"",
+                job.score_ms if job else 0,
+                job.ttl_ms if job else 0,
+                *(item for items in lists for item in items),
             ],
         )
         verdict = _text(reply[0])
@@ -142,18 +178,6 @@ class SessionStore:
             return Admission(admitted=True, admitted_ms=int(reply[1]))
 
         return Admission(admitted=False, reason=verdict, retry_after_ms=int(reply[1]))
-
-    async def put_env(
-        self, session_id: str, env: Mapping[str, str], ttl_ms: int
-    ) -> None:
-        """Keep per-session environment until the claim that consumes it."""
-        if not env:
-            return
-        key = self.keys.session_env(session_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=dict(env))
-            pipe.pexpire(key, ttl_ms)
-            await pipe.execute()
 
     async def record(self, session_id: str) -> dict[str, str] | None:
         """Return the session's record, or None when there is none."""
@@ -517,7 +541,7 @@ class SessionStore:
         key = self.keys.audit(session_id)
         entry: dict[Any, Any] = {"event": event, **fields}
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(key, entry, maxlen=_AUDIT_MAX_EVENTS, approximate=False)
+            pipe.xadd(key, entry, maxlen=AUDIT_MAX_EVENTS, approximate=False)
             pipe.pexpire(key, RETENTION_MS)
             await pipe.execute()
 
@@ -564,6 +588,10 @@ class SessionStore:
         await self.redis.aclose()
         if self.blocking is not self.redis:
             await self.blocking.aclose()
+
+
+def _flat(pairs: Mapping[str, str]) -> list[str]:
+    return [item for pair in pairs.items() for item in pair]
 
 
 def _text(value: Any) -> str:

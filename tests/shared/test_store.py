@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from unittest.mock import ANY
 
 import pytest
 from fakeredis.aioredis import FakeRedis
@@ -12,7 +13,7 @@ from fakeredis.aioredis import FakeRedis
 from shared.errors import LeaseLost
 from shared.keys import RATE_WINDOW_MS, RETENTION_MS, Keys
 from shared.models import EndCause, Outcome
-from shared.store import Admission, Claim, Renewal, SessionStore
+from shared.store import Admission, Claim, QueuedJob, Quota, Renewal, SessionStore
 
 KEYS = Keys("t")
 SLOT_TTL_MS = 600_000
@@ -38,16 +39,24 @@ async def admit(
     max_sessions: int = 2,
     per_minute: int = 10,
     queue_max: int = 100,
+    env: dict[str, str] | None = None,
+    job: QueuedJob | None = None,
 ) -> Admission:
-    return await store.admit(
-        session_id,
-        org=org,
+    quota = Quota(
         max_sessions=max_sessions,
         per_minute=per_minute,
         queue_max=queue_max,
         slot_ttl_ms=SLOT_TTL_MS,
         session_ttl_ms=SESSION_TTL_MS,
+    )
+    return await store.admit(
+        session_id,
+        org=org,
+        quota=quota,
         fields={"profile": "coder"},
+        env=env or {},
+        audit={"org": org},
+        job=job,
     )
 
 
@@ -62,6 +71,54 @@ async def admitted_and_claimed(
 
 class TestAdmit:
     """admit counts a session against its org's quotas and queues it."""
+
+    async def test_writes_env_audit_and_job_in_the_same_step(
+        self, store: SessionStore
+    ) -> None:
+        """An admitted session has its env, its created event and its job."""
+        job = QueuedJob(key="arq:job:s1", payload=b"\x80job", score_ms=5, ttl_ms=9000)
+
+        await admit(store, "s1", env={"API_TOKEN": "abc"}, job=job)
+
+        redis = store.redis
+        assert await redis.hgetall(KEYS.session_env("s1")) == {b"API_TOKEN": b"abc"}
+        assert 0 < await redis.pttl(KEYS.session_env("s1")) <= SLOT_TTL_MS
+        assert await store.audit_trail("s1") == [
+            {"id": ANY, "event": "created", "org": "acme"}
+        ]
+        assert await redis.get("arq:job:s1") == b"\x80job"
+        assert 0 < await redis.pttl("arq:job:s1") <= 9000
+        assert await redis.zrange(KEYS.arq_queue, 0, -1, withscores=True) == [
+            (b"s1", 5.0)
+        ]
+
+    async def test_a_refusal_writes_nothing(self, store: SessionStore) -> None:
+        """A refused session leaves no record, env, audit event or job."""
+        await admit(store, "s1", max_sessions=1)
+        job = QueuedJob(key="arq:job:s2", payload=b"job", score_ms=5, ttl_ms=9000)
+
+        refused = await admit(
+            store, "s2", max_sessions=1, env={"API_TOKEN": "abc"}, job=job
+        )
+
+        assert refused.reason == "org_concurrency"
+        names = [
+            KEYS.session("s2"),
+            KEYS.session_env("s2"),
+            KEYS.audit("s2"),
+            "arq:job:s2",
+        ]
+        assert await store.redis.exists(*names) == 0
+        assert await store.redis.zscore(KEYS.arq_queue, "s2") is None
+
+    async def test_a_session_without_a_job_is_held_back(
+        self, store: SessionStore
+    ) -> None:
+        """Without a job (waiting for an upload) nothing reaches the queue."""
+        await admit(store, "s1")
+
+        assert await store.redis.exists(KEYS.arq_queue) == 0
+        assert (await store.record("s1") or {})["state"] == "queued"
 
     async def test_records_queued_session(self, store: SessionStore) -> None:
         """An admitted session is recorded as queued with its org and fields."""
@@ -155,8 +212,7 @@ class TestClaim:
 
     async def test_claim_returns_env_and_deletes_it(self, store: SessionStore) -> None:
         """The claim carries the session's env and removes the env key."""
-        await admit(store, "s1")
-        await store.put_env("s1", {"API_TOKEN": "abc"}, ttl_ms=SLOT_TTL_MS)
+        await admit(store, "s1", env={"API_TOKEN": "abc"})
 
         claim = await store.claim("s1", node="node-1", lease_ms=LEASE_MS)
 
