@@ -348,6 +348,28 @@ class WorkerConfig(_Strict):
         return self
 
 
+class TelemetryConfig(_Strict):
+    """Where traces go; metrics are scraped from each process instead."""
+
+    # An OTLP/HTTP collector's base URL ("http://collector:4318"); spans go
+    # to its /v1/traces. Unset, OTEL_EXPORTER_OTLP_ENDPOINT still applies;
+    # with neither, nothing is traced.
+    otlp_endpoint: str | None = None
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if not url:
+            # An empty variable in the environment turns tracing off.
+            return None
+        if not re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", url):
+            raise ValueError(
+                f"{url!r} is not an http:// or https:// URL; give the "
+                "collector's OTLP/HTTP base URL, such as http://collector:4318"
+            )
+        return url
+
+
 def _default_docker_url() -> str:
     return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
@@ -374,6 +396,7 @@ class FleetSettings(BaseSettings):
     profiles: dict[str, AgentProfile] = Field(default_factory=dict)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     @field_validator("config_version")
     @classmethod
