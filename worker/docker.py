@@ -2,7 +2,8 @@
 
 Containers are created from a ``SandboxSpec`` with the hardened defaults of
 the design, attached before they start, and removed by their id. Every
-aiodocker error is turned into ``SandboxError`` here.
+aiodocker error is turned into ``SandboxError`` here, and every call on the
+Engine made for a session is a ``docker.<call>`` span of its trace.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import aiohttp
 
 from shared.errors import SandboxError
 from shared.settings import AgentProfile, Limits
+from shared.tracing import traced
 
 LABEL_FLEET = "io.acp-fleet.fleet"
 LABEL_NODE = "io.acp-fleet.node"
@@ -277,12 +279,14 @@ class DockerRuntime:
             await self._docker.close()
             await self._docker.connector.close()
 
+    @traced("docker.image_digest")
     async def image_digest(self, image: str) -> str:
         """Return the repository digest of ``image``, or its id when it has none."""
         info = await self._call(self.docker.images.inspect(image))
         digests = info.get("RepoDigests") or []
         return str(digests[0] if digests else info["Id"])
 
+    @traced("docker.create")
     async def create(self, config: Mapping[str, Any], *, name: str) -> str:
         """Create a container and return its id."""
         container = await self._call(
@@ -290,6 +294,7 @@ class DockerRuntime:
         )
         return str(container.id)
 
+    @traced("docker.attach")
     async def attach(self, container_id: str) -> AttachedStdio:
         """Open the container's stdio; call before start to miss nothing."""
         split = urlsplit(self.url)
@@ -322,11 +327,13 @@ class DockerRuntime:
 
         return AttachedStdio(reader, writer)
 
+    @traced("docker.start")
     async def start(self, container_id: str) -> None:
         """Start a created container."""
         container = self.docker.containers.container(container_id)
         await self._call(container.start(), container_id=container_id)
 
+    @traced("docker.wait_exit")
     async def wait_exit(self, container_id: str) -> ExitState:
         """Wait until the container is not running, then report how it ended."""
         container = self.docker.containers.container(container_id)
@@ -341,6 +348,7 @@ class DockerRuntime:
             error=str(state.get("Error") or ""),
         )
 
+    @traced("docker.run_check")
     async def run_check(
         self, container_id: str, command: list[str], *, user: str, timeout_s: float
     ) -> int:
@@ -363,6 +371,7 @@ class DockerRuntime:
             f"check in {container_id} timed out", container_id=container_id
         )
 
+    @traced("docker.running")
     async def running(self, container_id: str) -> bool:
         """True while Docker reports the container running."""
         container = self.docker.containers.container(container_id)
@@ -374,6 +383,7 @@ class DockerRuntime:
             raise
         return bool(info["State"].get("Running"))
 
+    @traced("docker.kill")
     async def kill(self, container_id: str, signal: str) -> bool:
         """Send ``signal``; False when the container was no longer running."""
         container = self.docker.containers.container(container_id)
@@ -385,6 +395,7 @@ class DockerRuntime:
             raise
         return True
 
+    @traced("docker.remove")
     async def remove(self, container_id: str) -> None:
         """Remove the container and its anonymous volumes; gone is fine."""
         container = self.docker.containers.container(container_id)
@@ -396,6 +407,7 @@ class DockerRuntime:
             if exc.status != 404:
                 raise
 
+    @traced("docker.ensure_internal_network")
     async def ensure_internal_network(
         self, name: str, *, labels: Mapping[str, str]
     ) -> str:
@@ -438,6 +450,7 @@ class DockerRuntime:
         details: dict[str, Any] = await self._call(network.show())
         return details
 
+    @traced("docker.remove_network")
     async def remove_network(self, name: str) -> bool:
         """Remove a network; False when sandboxes still use it. Gone is fine."""
         try:
@@ -451,6 +464,7 @@ class DockerRuntime:
             raise
         return True
 
+    @traced("docker.labelled")
     async def labelled(self, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         """Return every container, running or not, carrying all ``labels``."""
         filters = {"label": [f"{name}={value}" for name, value in labels.items()]}
