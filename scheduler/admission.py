@@ -23,6 +23,7 @@ from shared.models import CreateSession, SessionCreated, SessionState
 from shared.settings import AgentProfile, FleetSettings
 from shared.store import QueuedJob, Quota, SessionStore
 from shared.telemetry import scheduler_metrics
+from shared.tracing import admission_span
 
 log = structlog.get_logger("scheduler.admission")
 
@@ -68,15 +69,30 @@ class Admission:
             InvalidRequest: unknown profile, disallowed variable or limit.
             AdmissionRefused: a quota, rate or queue bound says no.
         """
+        session_id = uuid.uuid4().hex
+        attributes = {"fleet.org": org, "fleet.profile": request.profile}
+        with admission_span(session_id, **attributes) as trace_fields:
+            return await self._admit(
+                session_id, org, request, remote=remote, trace_fields=trace_fields
+            )
+
+    async def _admit(
+        self,
+        session_id: str,
+        org: str,
+        request: CreateSession,
+        *,
+        remote: str,
+        trace_fields: dict[str, str],
+    ) -> SessionCreated:
         profile = self._profile(request.profile)
         _check_env(profile, request.env)
         limits = _narrow(profile, request)
-        session_id = uuid.uuid4().hex
         admission = await self.store.admit(
             session_id,
             org=org,
             quota=self._quota(org, profile),
-            fields=_record_fields(request, limits),
+            fields={**_record_fields(request, limits), **trace_fields},
             env=request.env,
             audit=_created_event(org, remote, request, profile, limits),
             job=None if request.workspace.upload else self._job(session_id),

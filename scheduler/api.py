@@ -60,6 +60,7 @@ from shared.models import (
 from shared.settings import FleetSettings
 from shared.store import SessionStore
 from shared.telemetry import configure_metrics
+from shared.tracing import configure_tracing, shutdown_tracing
 from shared.wire import parse_cursor
 
 log = structlog.get_logger("scheduler.api")
@@ -131,13 +132,18 @@ def create_app(settings: FleetSettings) -> FastAPI:
                 await sweeper
             await arq.aclose()
             await blocking.aclose()
+            shutdown_tracing()
 
     configure_metrics("acp-fleet-scheduler")
+    configure_tracing(settings, "acp-fleet-scheduler")
     app = FastAPI(
         title="ACP Fleet",
         version="1",
         summary="Run ACP coding agents in hardened sandboxes.",
         lifespan=lifespan,
+        # FastAPI's own request spans would each start a trace with no
+        # session in it; the fleet traces sessions (shared.tracing).
+        telemetry={"tracing": False, "operation_spans": False},
     )
 
     @app.exception_handler(RequestRefused)
