@@ -22,6 +22,7 @@ from shared.models import EgressRecord
 from shared.settings import FleetSettings
 from shared.store import SessionStore
 from shared.telemetry import configure_metrics
+from shared.tracing import configure_tracing, shutdown_tracing
 from worker.docker import DockerRuntime, seccomp_profile
 from worker.egress import start_egress, stop_egress
 from worker.pool import WarmPool
@@ -257,8 +258,13 @@ def run_worker(settings: FleetSettings) -> None:
     """Run the worker until SIGINT or SIGTERM."""
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     configure_metrics("acp-fleet-worker")
+    configure_tracing(settings, "acp-fleet-worker")
     if settings.worker.metrics_port:
         start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
     # arq binds its signal handlers to the loop current at construction.
     asyncio.set_event_loop(asyncio.new_event_loop())
-    build_worker(settings).run()
+    try:
+        build_worker(settings).run()
+    finally:
+        # After arq's shutdown: the last sessions' removal spans are ended.
+        shutdown_tracing()

@@ -25,6 +25,7 @@ from shared.models import EndCause, Outcome
 from shared.settings import AgentProfile, FleetSettings
 from shared.store import Claim, Renewal, SessionStore
 from shared.telemetry import worker_metrics
+from shared.tracing import SessionTrace, annotate, traced
 from worker.acp import AcpGuard
 from worker.docker import (
     AttachedStdio,
@@ -94,17 +95,22 @@ class SessionRunner:
         """Run one session to its end; a session already taken is left alone."""
         node = self.settings.worker.node
         with structlog.contextvars.bound_contextvars(session_id=session_id, node=node):
+            claim_started_ns = time.time_ns()
             claim = await self.store.claim(
                 session_id, node=node, lease_ms=self.settings.worker.lease_ms
             )
             if claim is None:
                 log.debug("session.claim_refused")
                 return "refused"
-            run = SessionRun(self, claim)
+            trace = self._trace(claim, claim_started_ns)
+            run = SessionRun(self, claim, trace)
             self.active[session_id] = run
             self._idle.clear()
             try:
-                with structlog.contextvars.bound_contextvars(org=claim.org):
+                with (
+                    structlog.contextvars.bound_contextvars(org=claim.org),
+                    trace.activate(),
+                ):
                     outcome = await run.run()
             finally:
                 del self.active[session_id]
@@ -112,6 +118,18 @@ class SessionRunner:
                     self._idle.set()
 
         return outcome.cause.value
+
+    def _trace(self, claim: Claim, claim_started_ns: int) -> SessionTrace:
+        return SessionTrace.resume(
+            claim.record,
+            claim_started_ns=claim_started_ns,
+            **{
+                "session.id": claim.session_id,
+                "fleet.org": claim.org,
+                "fleet.node": self.settings.worker.node,
+                "fleet.profile": claim.record.get("profile", ""),
+            },
+        )
 
     def owns(self, session_id: str, container_id: str) -> bool:
         """True for a container that a run or a pool of this process holds."""
@@ -151,9 +169,12 @@ class SessionRunner:
 class SessionRun:
     """The life of one claimed session on this worker."""
 
-    def __init__(self, runner: SessionRunner, claim: Claim) -> None:
+    def __init__(
+        self, runner: SessionRunner, claim: Claim, trace: SessionTrace
+    ) -> None:
         self.runner = runner
         self.claim = claim
+        self.trace = trace
         self.settings = runner.settings
         self.store = runner.store
         self.runtime = runner.runtime
@@ -204,23 +225,30 @@ class SessionRun:
 
     async def _run_sandbox(self) -> Outcome:
         try:
-            spec = self._spec()
-            member = await self._warm_member()
-            if member is not None:
-                await self._fill_workspace()
-                await self._start_warm(member)
-            else:
-                await self._start_cold(spec)
+            warm = await self._start_sandbox()
         except SandboxError as exc:
             log.exception("session.start_failed", docker_status=exc.status)
             return Outcome(cause=EndCause.START_FAILED, detail=str(exc))
         except LeaseLost:
             return Outcome(cause=EndCause.WORKER_LOST, detail="lease lost")
-        log.info("session.started", warm=member is not None)
+        log.info("session.started", warm=warm)
 
         exit_state = await self._relay()
 
         return self._outcome(exit_state)
+
+    @traced("sandbox_ready")
+    async def _start_sandbox(self) -> bool:
+        """Get the agent running, warm or cold; True for a warm start."""
+        spec = self._spec()
+        member = await self._warm_member()
+        if member is not None:
+            await self._fill_workspace()
+            await self._start_warm(member)
+        else:
+            await self._start_cold(spec)
+
+        return member is not None
 
     async def _supervised(self, coro: Awaitable[None], name: str) -> None:
         """Run a helper of the relay; its failure ends the session, loudly."""
@@ -321,11 +349,13 @@ class SessionRun:
         # The proxy's variables come last: a session's own cannot replace them.
         return {**self.claim.env, **self._proxy_env}
 
+    @traced("pool.claim")
     async def _warm_member(self) -> Member | None:
         """A ready sandbox of the profile, unless the session narrowed limits
         (members run with the profile's) or the pool has none."""
         pool = self.runner.pools.get(self.profile_name)
         if pool is None or self.limits != self.profile.limits:
+            annotate(**{"fleet.pool.outcome": "none"})
             return None
         member = pool.take()
         # The socket shows a member's death only once its end is read; one
@@ -340,6 +370,7 @@ class SessionRun:
             pool.handed_out(member)
         outcome = "miss" if member is None else "hit"
         METRICS.pool_claims.add(1, {"pool": self.profile_name, "outcome": outcome})
+        annotate(**{"fleet.pool.outcome": outcome})
         return member
 
     async def _start_warm(self, member: Member) -> None:
@@ -359,6 +390,7 @@ class SessionRun:
         self._started = True
         self._start_kind = start
         self._ready_at = time.monotonic()
+        self.trace.sandbox_ready(start)
         await self._update(
             {**fields, "start": start, "state": "running", "sandbox_ready_ms": "now"}
         )
@@ -425,6 +457,7 @@ class SessionRun:
             await self.stdio.write(self._launch())
         await self._mark_running("cold")
 
+    @traced("relay")
     async def _relay(self) -> ExitState | None:
         """Carry stdio both ways until the sandbox stops; return its exit."""
         assert self.container_id is not None
@@ -493,6 +526,7 @@ class SessionRun:
         if not self._first_byte and any(name == b"o" for name, _ in entries):
             self._first_byte = True
             self._phase("first_byte", time.monotonic() - self._ready_at)
+            self.trace.first_byte()
             await self._update({"first_byte_ms": "now"})
 
     async def _wait_for_client(self, backlog_bytes: int) -> None:
@@ -692,7 +726,9 @@ class SessionRun:
         if not await self.store.update(self.claim, fields):
             raise LeaseLost(self.session_id)
 
+    @traced("removal")
     async def _cleanup(self, outcome: Outcome) -> None:
+        annotate(**{"fleet.cause": outcome.cause.value})
         METRICS.ends.add(1, {"cause": outcome.cause.value})
         if self._started:
             METRICS.running.add(-1)

@@ -24,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from shared.errors import SandboxError
+from shared.tracing import traced
 
 log = structlog.get_logger("worker.workspace")
 
@@ -57,6 +58,7 @@ class Workspace:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=False)
         self.mount.mkdir(mode=0o700)
 
+    @traced("workspace.format")
     async def format(self, size_bytes: int, *, uid: int, gid: int) -> None:
         """Format the filesystem and mount it on the directories made first."""
         try:
