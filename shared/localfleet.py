@@ -158,6 +158,7 @@ def local_fleet(
     orgs: Mapping[str, Mapping[str, int]] | None = None,
     worker: Mapping[str, Any] | None = None,
     scheduler: Mapping[str, Any] | None = None,
+    telemetry: Mapping[str, Any] | None = None,
     start_worker: bool = True,
 ) -> Iterator[LocalFleet]:
     """Start a scheduler and a worker (and Redis, unless given); yield handles."""
@@ -186,6 +187,7 @@ def local_fleet(
                 **(worker or {}),
             },
             "profiles": dict(profiles),
+            "telemetry": dict(telemetry or {}),
         }
         config_path = workdir / "fleet.toml"
         write_settings(config_path, settings)
