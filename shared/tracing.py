@@ -256,7 +256,7 @@ class SessionTrace:
         return session
 
     @property
-    def active(self) -> bool:
+    def recording(self) -> bool:
         """True when the session's spans are recorded and exported."""
         return trace.get_current_span(self.parent).get_span_context().is_valid
 
@@ -272,7 +272,7 @@ class SessionTrace:
 
     def record(self, name: str, start_ns: int, end_ns: int | None = None) -> None:
         """Record a finished phase from its times, as a child of the root."""
-        if not self.active:
+        if not self.recording:
             return
         # Bound here too: the claim's phases are recorded before activate.
         with _bound(self.attributes):
