@@ -164,16 +164,16 @@ async def sessions(
         cold = await run_session(fleet, "echo-cold", stdin=b"cold\n")
         await wait_pool(fleet, "echo-warm", 1)
         warm = await run_session(fleet, "echo-warm", stdin=b"warm\n")
-    by_trace: dict[bytes, list[Span]] = {}
-    for span in receiver.spans:
-        by_trace.setdefault(span.trace_id, []).append(span)
     traces = {}
     for ran, kind in ((cold, "cold"), (warm, "warm")):
-        (spans,) = [
-            spans
-            for spans in by_trace.values()
-            if any(s.attributes.get("session.id") == ran.session_id for s in spans)
-        ]
+        # Every trace the session has a span in, whole: a session split
+        # over two traces, or a trace with foreign spans, shows in the tests.
+        ids = {
+            span.trace_id
+            for span in receiver.spans
+            if span.attributes.get("session.id") == ran.session_id
+        }
+        spans = [span for span in receiver.spans if span.trace_id in ids]
         traces[kind] = Traced(ran, spans)
     yield traces
 
@@ -189,6 +189,17 @@ class TestSessionTrace:
             4,
         )
         assert (warm.stdout, warm.view["exit_code"]) == (b"warm\n", 5)
+
+    def test_each_session_is_one_trace_of_its_own(
+        self, sessions: dict[str, Traced]
+    ) -> None:
+        """All of a session's spans share one trace id, not shared with the
+        other session."""
+        cold = {span.trace_id for span in sessions["cold"].spans}
+        warm = {span.trace_id for span in sessions["warm"].spans}
+
+        assert len(cold) == len(warm) == 1
+        assert cold != warm
 
     def test_every_span_exported_belongs_to_one_of_the_sessions(
         self, sessions: dict[str, Traced], receiver: Receiver
