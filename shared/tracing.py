@@ -53,10 +53,6 @@ _SCOPE = "acp_fleet"
 # A collector that does not answer must not hold up a worker's shutdown
 # for the exporter's default ten seconds per batch.
 _EXPORT_TIMEOUT_S = 5.0
-_STANDARD_ENDPOINTS = (
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-)
 _PROPAGATOR = TraceContextTextMapPropagator()
 # The attributes of the session whose work the current task does. A dict,
 # shared by the session's tasks, so that what is learnt late (warm or cold)
@@ -80,17 +76,22 @@ def traces_endpoint(settings: FleetSettings) -> str | None:
     """The OTLP/HTTP URL spans go to; None when tracing is off.
 
     ``telemetry.otlp_endpoint`` wins; otherwise OpenTelemetry's standard
-    variables turn tracing on, and the exporter reads them itself.
+    variables turn tracing on: the traces URL as it is, or the base URL
+    with the traces path appended, as every OpenTelemetry SDK does.
     """
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
-    base = settings.telemetry.otlp_endpoint
-    if base:
-        return base.rstrip("/") + "/v1/traces"
-    for name in _STANDARD_ENDPOINTS:
-        if os.environ.get(name):
-            return os.environ[name]
+    if settings.telemetry.otlp_endpoint:
+        return _traces_path(settings.telemetry.otlp_endpoint)
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return _traces_path(os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"])
     return None
+
+
+def _traces_path(base: str) -> str:
+    return base.rstrip("/") + "/v1/traces"
 
 
 def build_provider(settings: FleetSettings, service: str) -> TracerProvider | None:

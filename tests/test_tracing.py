@@ -340,11 +340,13 @@ class TestConfiguration:
     def test_the_standard_variable_turns_tracing_on(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """OTEL_EXPORTER_OTLP_ENDPOINT applies when the settings name none;
-        OTEL_SDK_DISABLED turns every endpoint off."""
+        """OTEL_EXPORTER_OTLP_ENDPOINT gets the traces path, the traces
+        variable is taken whole; OTEL_SDK_DISABLED turns both off."""
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318")
 
-        assert tracing.traces_endpoint(_settings()) == "http://otel:4318"
+        assert tracing.traces_endpoint(_settings()) == "http://otel:4318/v1/traces"
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:1/traces")
+        assert tracing.traces_endpoint(_settings()) == "http://t:1/traces"
         monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
         assert tracing.traces_endpoint(_settings()) is None
 
