@@ -31,7 +31,7 @@ from tests.worker.test_pool import wait_pool
 COLD_SPANS = {
     *tracing.PHASES,
     "pool.claim",
-    "workspace.create",
+    "workspace.format",
     "docker.create",
     "docker.attach",
     "docker.start",
@@ -230,7 +230,7 @@ class TestSessionTrace:
         names = {span.name for span in traced.spans}
 
         assert names >= WARM_SPANS
-        assert not names & {"docker.create", "docker.start", "workspace.create"}
+        assert not names & {"docker.create", "docker.start", "workspace.format"}
         assert traced.one("pool.claim").attributes["fleet.pool.outcome"] == "hit"
         assert traced.one("relay").attributes["fleet.start"] == "warm"
 
@@ -263,8 +263,8 @@ class TestSessionTrace:
     def test_docker_calls_are_children_of_the_phase_that_made_them(
         self, sessions: dict[str, Traced]
     ) -> None:
-        """create, attach and start under sandbox_ready; wait under relay;
-        remove under removal."""
+        """create, attach, start and the workspace's format (a task of its
+        own) under sandbox_ready; wait under relay; remove under removal."""
         traced = sessions["cold"]
         parent_of = {
             span.name: name
@@ -276,6 +276,7 @@ class TestSessionTrace:
         assert parent_of["docker.create"] == "sandbox_ready"
         assert parent_of["docker.attach"] == "sandbox_ready"
         assert parent_of["docker.start"] == "sandbox_ready"
+        assert parent_of["workspace.format"] == "sandbox_ready"
         assert parent_of["docker.wait_exit"] == "relay"
         assert parent_of["docker.remove"] == "removal"
 
