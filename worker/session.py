@@ -451,7 +451,8 @@ class SessionRun:
         await self._update({"container_id": self.container_id, "image_digest": digest})
 
     async def _start(self) -> None:
-        assert self.container_id is not None and self.stdio is not None
+        assert self.container_id is not None
+        assert self.stdio is not None
         await self.runtime.start(self.container_id)
         if self._via_launcher:
             await self.stdio.write(self._launch())
