@@ -289,6 +289,7 @@ class SessionRun:
         """The launcher's line: per-session variables and secret files."""
         plain, files = split_secrets(self.profile, self._agent_env())
         return launch_spec(plain, files)
+
     def _network(self, profile: AgentProfile) -> SandboxNetwork:
         """Admit an egress session to the proxy; return the network to join."""
         if profile.network.mode == "none":

@@ -305,11 +305,13 @@ class SocketProxy:
     routes: tuple[Route, ...] = ROUTES
     _labelled: dict[str, float] = field(default_factory=dict)
     _server: asyncio.AbstractServer | None = None
+    _path: str | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self, path: str, *, mode: int = 0o660) -> None:
         """Listen on the unix socket ``path``, replacing a stale one."""
         _clear_socket_path(Path(path))
+        self._path = path
         self._server = await asyncio.start_unix_server(
             self._serve, path, limit=_HEAD_MAX_BYTES
         )
@@ -325,6 +327,9 @@ class SocketProxy:
         await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._path is not None:
+            # Python 3.11 leaves the socket file behind.
+            _clear_socket_path(Path(self._path))
 
     def missing_label(self, what: str) -> str:
         """The reason given when ``what`` lacks the fleet's label."""
