@@ -40,10 +40,14 @@ _HEAD_MAX_BYTES = 64 * 1024
 _HEAD_TIMEOUT_S = 30.0
 _CHUNK_BYTES = 64 * 1024
 _CLOSE_WAIT_S = 5.0
+# Expired entries are swept once this many are remembered.
+_CACHE_MAX_ENTRIES = 4096
 _VERSION_PREFIX = re.compile(r"^/v\d+\.\d+(?=/)")
 _ID = r"(?P<ref>[A-Za-z0-9][A-Za-z0-9_.-]*)"
 # Go's mux would clean these; a path the worker never sends is refused.
 _SUSPECT_PATH = re.compile(r"%|//|/\.\.?(/|$)")
+# Only origin-form targets: "//host/..." would hide a path from urlsplit.
+_ORIGIN_FORM = re.compile(r"/(?!/)[^\s#]*")
 _HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "upgrade", "trailer"}
 )
@@ -347,7 +351,17 @@ class SocketProxy:
         # Only full ids are remembered: a name can be given to another
         # container once this one is gone, an id never is.
         if ref == info.get("Id"):
-            self._labelled[ref] = time.monotonic() + self.label_cache_s
+            self._remember(ref)
+
+    def _remember(self, container_id: str) -> None:
+        now = time.monotonic()
+        if len(self._labelled) >= _CACHE_MAX_ENTRIES:
+            self._labelled = {
+                known: expiry
+                for known, expiry in self._labelled.items()
+                if expiry > now
+            }
+        self._labelled[container_id] = now + self.label_cache_s
 
     async def inspect(self, request: Request, path: str) -> dict[str, Any]:
         """GET ``path`` from the Engine for a check; its errors pass on as is."""
@@ -381,6 +395,11 @@ class SocketProxy:
             log.debug("socketproxy.client_lost")
         except TimeoutError:
             log.debug("socketproxy.head_timeout")
+        except asyncio.CancelledError:
+            # Only close() cancels these tasks, and nothing awaits them but
+            # close(); asyncio's server would report a cancelled one as a
+            # failure, so the cancellation ends here.
+            log.debug("socketproxy.connection_closed")
         finally:
             self._handlers.discard(task)
             await _close(writer)
@@ -415,6 +434,9 @@ class SocketProxy:
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return None
+        # A bare CR or LF would end a line for the Engine but not for us.
+        if any("\r" in line or "\n" in line for line in lines):
+            return None
         headers = [
             (name.strip(), value.strip())
             for name, _, value in (line.partition(":") for line in lines[1:] if line)
@@ -439,7 +461,7 @@ class SocketProxy:
     async def _judge(self, request: Request) -> Route:
         """Return the route that allows ``request``, or refuse it."""
         path = request.path
-        if _SUSPECT_PATH.search(path):
+        if not _ORIGIN_FORM.fullmatch(request.target) or _SUSPECT_PATH.search(path):
             raise DockerCallRefused(request.call, "the path is not in canonical form")
         for route in self.routes:
             match = route.pattern.match(path)

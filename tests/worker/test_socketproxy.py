@@ -272,10 +272,20 @@ class TestProxyRefusals:
         head = "GET /v1.41/containers/x/../../info HTTP/1.1\r\nHost: d\r\n\r\n"
         encoded = "GET /v1.41/containers/x%2F..%2F..%2Finfo/json HTTP/1.1\r\n\r\n"
 
-        for request in (head, encoded):
+        netloc = "GET //docker/v1.41/info HTTP/1.1\r\n\r\n"
+
+        for request in (head, encoded, netloc):
             answer = await raw(proxy, request)
             assert answer.startswith(b"HTTP/1.1 403 ")
             assert b"canonical" in answer
+
+    async def test_a_bare_line_feed_in_the_head_is_refused(self, proxy: str) -> None:
+        """A header hiding a second line behind a bare LF is not forwarded."""
+        head = "GET /v1.41/version HTTP/1.1\r\nX-A: 1\nContent-Length: 9\r\n\r\n"
+
+        answer = await raw(proxy, head)
+
+        assert answer.startswith(b"HTTP/1.1 400 ")
 
     async def test_refusals_are_logged_by_call_and_reason_without_the_body(
         self, proxy: str
