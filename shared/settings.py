@@ -360,7 +360,7 @@ class DockerProxyConfig(_Strict):
     # A container found labelled stays trusted this long; ids are never reused.
     label_cache_s: float = Field(5.0, ge=0, le=300)
     # Create bodies carry the seccomp profile inline (about 10 KiB).
-    max_body_bytes: MemoryBytes = Field(4 * 1024**2, alias="max_body")
+    max_body_bytes: int = Field(4 * 1024**2, ge=64 * 1024, le=64 * 1024**2)
 
     @field_validator("listen_path")
     @classmethod

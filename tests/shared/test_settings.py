@@ -296,9 +296,9 @@ class TestDockerProxyConfig:
         assert (proxy.listen_mode, proxy.max_body_bytes) == ("0660", 4 * 1024**2)
 
     def test_sizes_and_addresses_are_read(self, tmp_path: Path) -> None:
-        """max_body takes Docker's size grammar; a TCP Engine is accepted."""
+        """A body bound in bytes and a TCP Engine are accepted."""
         table = (
-            '[docker_proxy]\nmax_body = "8m"\n'
+            "[docker_proxy]\nmax_body_bytes = 8388608\n"
             'upstream_url = "tcp://127.0.0.1:2375"\nlisten_path = "/s/d.sock"\n'
         )
 
@@ -315,13 +315,14 @@ class TestDockerProxyConfig:
             ('listen_path = "docker.sock"', "docker_proxy.listen_path"),
             ('upstream_url = "/var/run/docker.sock"', "docker_proxy.upstream_url"),
             ('listen_mode = "666"', "docker_proxy.listen_mode"),
+            ("max_body_bytes = 1024", "docker_proxy.max_body_bytes"),
         ],
     )
     def test_bad_values_name_the_field(
         self, tmp_path: Path, line: str, field: str
     ) -> None:
-        """A relative socket, an address without scheme or a mode without
-        its leading zero is refused, naming the field."""
+        """A relative socket, an address without scheme, a mode without
+        its leading zero or a tiny body bound is refused, naming the field."""
         path = write_config(tmp_path, HEADER + f"[docker_proxy]\n{line}\n")
 
         assert f"  {field}: " in load_error(path)
