@@ -49,7 +49,15 @@ _SUSPECT_PATH = re.compile(r"%|//|/\.\.?(/|$)")
 # Only origin-form targets: "//host/..." would hide a path from urlsplit.
 _ORIGIN_FORM = re.compile(r"/(?!/)[^\s#]*")
 _HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "upgrade", "trailer"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "trailer",
+        "expect",
+    }
 )
 _STREAM_TYPES = (
     "application/vnd.docker.raw-stream",
@@ -409,8 +417,9 @@ class SocketProxy:
     ) -> None:
         try:
             async with asyncio.timeout(_HEAD_TIMEOUT_S):
-                request = await self._read_request(reader)
+                request = await self._read_request(reader, writer)
             if request is None:
+                log.warning("socketproxy.malformed")
                 await _answer(writer, 400, "the request is not HTTP/1.1")
                 return
             route = await self._judge(request)
@@ -428,7 +437,9 @@ class SocketProxy:
 
         await self._forward(request, route, reader, writer)
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> Request | None:
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Request | None:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
@@ -442,7 +453,15 @@ class SocketProxy:
             for name, _, value in (line.partition(":") for line in lines[1:] if line)
         ]
         request = Request(method=parts[0], target=parts[1], headers=headers)
-        request.body = await self._read_body(request, reader)
+        if (request.header("expect") or "").lower() == "100-continue":
+            # The Engine never sees the Expect: the body is read here first.
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            request.body = await self._read_body(request, reader)
+        except ValueError as exc:
+            raise DockerCallRefused(
+                request.call, "a malformed body length", status=400
+            ) from exc
 
         return request
 

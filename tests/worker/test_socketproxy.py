@@ -279,6 +279,15 @@ class TestProxyRefusals:
             assert answer.startswith(b"HTTP/1.1 403 ")
             assert b"canonical" in answer
 
+    async def test_a_malformed_body_length_is_refused(self, proxy: str) -> None:
+        """A Content-Length that is not a number answers 400, not a crash."""
+        head = "POST /v1.41/containers/create HTTP/1.1\r\nContent-Length: x\r\n\r\n"
+
+        answer = await raw(proxy, head)
+
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert b"malformed body length" in answer
+
     async def test_a_bare_line_feed_in_the_head_is_refused(self, proxy: str) -> None:
         """A header hiding a second line behind a bare LF is not forwarded."""
         head = "GET /v1.41/version HTTP/1.1\r\nX-A: 1\nContent-Length: 9\r\n\r\n"
@@ -369,18 +378,40 @@ def proxied(redis_url: str, docker_images: None) -> Iterator[LocalFleet]:
     with tempfile.TemporaryDirectory(prefix="acp-proxy-") as directory:
         socket_path = f"{directory}/docker.sock"
         pooled = {**busybox_profile('echo "ready"; cat'), "pool": {"size": 1}}
+        netted = {
+            **busybox_profile('echo "proxy=${HTTP_PROXY:+set}"; ls /sys/class/net'),
+            "network": {"mode": "egress", "allow": ["example.invalid"]},
+        }
         with local_fleet(
-            {"cat-exit": busybox_profile("cat; echo done; exit 7"), "echo": pooled},
+            {
+                "cat-exit": busybox_profile("cat; echo done; exit 7"),
+                "echo": pooled,
+                "egress": netted,
+            },
             redis_url=redis_url,
             orgs={"acme": {"max_sessions": 8, "sessions_per_minute": 10_000}},
-            worker={"docker_url": f"unix://{socket_path}", "heartbeat_ms": 500},
+            worker={
+                "docker_url": f"unix://{socket_path}",
+                "heartbeat_ms": 500,
+                "egress": {"proxy_port": 0},
+            },
             start_worker=False,
         ) as fleet:
             fleet.start("docker-proxy", "docker-proxy", "--listen", socket_path)
             wait_for_socket(fleet, socket_path)
             fleet.start("worker", "worker")
-            wait_for_worker(fleet)
-            yield fleet
+            try:
+                wait_for_worker(fleet)
+                yield fleet
+            finally:
+                fleet.stop("worker")
+                # The worker removes its network through the proxy when it
+                # stops; this only catches what a failed stop left behind.
+                engine("network", "rm", egress_network(fleet))
+
+
+def egress_network(fleet: LocalFleet) -> str:
+    return f"{fleet.settings.fleet}-egress-{fleet.settings.worker.node}"
 
 
 def wait_for_socket(fleet: LocalFleet, path: str, timeout_s: float = 30) -> None:
@@ -420,4 +451,20 @@ class TestFleetThroughTheProxy:
         assert await session_field(proxied, session_id, "start") == "warm"
         assert output == b"ready\nover\n"
         assert (end.cause, end.exit_code) == ("agent_exit", 0)
+        assert "socketproxy.refused" not in proxied.log("docker-proxy")
+
+    async def test_an_egress_sandbox_joins_the_network_made_through_the_proxy(
+        self, proxied: LocalFleet
+    ) -> None:
+        """The worker created its labelled internal network through the
+        proxy, and an egress sandbox on it starts and ends normally."""
+        labels = engine(
+            "network", "inspect", "-f", "{{json .Labels}}", egress_network(proxied)
+        )
+
+        ran = await run_session(proxied, "egress")
+
+        assert json.loads(labels.stdout)[LABEL_FLEET] == proxied.settings.fleet
+        assert ran.stdout.decode().splitlines() == ["proxy=set", "eth0", "lo"]
+        assert (ran.end["cause"], ran.end["exit_code"]) == ("agent_exit", 0)
         assert "socketproxy.refused" not in proxied.log("docker-proxy")
