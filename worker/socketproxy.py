@@ -382,7 +382,8 @@ class SocketProxy:
         finally:
             writer.close()
         if _status(head) != 200:
-            raise _Answered(head, _dechunk(head, body))
+            # Head and body as received, so their framing still agrees.
+            raise _Answered(head, body)
         info = json.loads(_dechunk(head, body))
         if not isinstance(info, dict):
             raise DockerCallRefused(
