@@ -112,6 +112,11 @@ class CreatePolicy:
         host = body.get("HostConfig") or {}
         if host.get("Privileged"):
             return "privileged containers are not allowed"
+        # The worker's own floor: nothing less hardened is ever its call.
+        if "ALL" not in (host.get("CapDrop") or []):
+            return "HostConfig.CapDrop must include ALL"
+        if "no-new-privileges:true" not in (host.get("SecurityOpt") or []):
+            return "HostConfig.SecurityOpt must include no-new-privileges:true"
 
         for name in _FORBIDDEN_FIELDS:
             if host.get(name):

@@ -86,15 +86,24 @@ class TestCreatePolicy:
             ({"IpcMode": "host"}, "IpcMode"),
             ({"UsernsMode": "host"}, "UsernsMode"),
             ({"NetworkMode": "container:abc"}, "NetworkMode"),
-            ({"SecurityOpt": ["seccomp=unconfined"]}, "unconfined"),
-            ({"SecurityOpt": ["apparmor:unconfined"]}, "unconfined"),
+            (
+                {"SecurityOpt": ["no-new-privileges:true", "seccomp=unconfined"]},
+                "unconfined",
+            ),
+            (
+                {"SecurityOpt": ["no-new-privileges:true", "apparmor:unconfined"]},
+                "unconfined",
+            ),
+            ({"CapDrop": ["NET_RAW"]}, "CapDrop must include ALL"),
+            ({"SecurityOpt": []}, "no-new-privileges"),
         ],
     )
     def test_widening_host_config_is_refused(
         self, host_config: dict[str, Any], reason: str
     ) -> None:
-        """Privilege, capabilities, devices, host namespaces and lifted
-        confinement are each refused, even on a labelled create."""
+        """Privilege, capabilities, devices, host namespaces, lifted
+        confinement and a missing hardening floor are each refused, even on
+        a labelled create."""
         assert reason in str(self.policy.create_refusal(worker_body(**host_config)))
 
     @pytest.mark.parametrize(
