@@ -76,6 +76,21 @@ def _add_service_commands(commands: Any) -> None:
     _config_option(worker)
     worker.set_defaults(run=_run_worker)
 
+    proxy = commands.add_parser(
+        "docker-proxy",
+        help="hold the Docker socket; let the worker make only its own calls",
+        description="Listen on a unix socket for the worker's Engine API calls "
+        "and forward to the Docker Engine only the calls the worker makes, on "
+        "containers and networks carrying the fleet's label; refuse the rest "
+        "with 403. Point worker.docker_url at unix://LISTEN_PATH. SIGTERM "
+        "stops it.",
+    )
+    _config_option(proxy)
+    proxy.add_argument(
+        "--listen", metavar="PATH", help="unix socket to listen on (default: settings)"
+    )
+    proxy.set_defaults(run=_run_docker_proxy)
+
 
 def _add_connect_command(commands: Any) -> None:
     """The editor's agent command."""
@@ -206,6 +221,36 @@ def _run_worker(args: argparse.Namespace) -> int:
         _complain(f"worker cannot run: {exc}")
         return 1
     return 0
+
+
+def _run_docker_proxy(args: argparse.Namespace) -> int:
+    from shared.logs import configure_logging
+    from shared.settings import load_settings
+    from worker.socketproxy import serve
+
+    settings = load_settings(args.config)
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    try:
+        asyncio.run(_until_signalled(serve(settings, listen_path=args.listen)))
+    except OSError as exc:
+        _complain(f"docker-proxy cannot listen: {exc}")
+        return 1
+    return 0
+
+
+async def _until_signalled(main: Any) -> None:
+    """Run ``main`` until SIGTERM or SIGINT, then cancel it cleanly."""
+    import signal
+
+    task = asyncio.ensure_future(main)
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        # The signal's cancellation is the normal way out.
+        return
 
 
 def _run_connect(args: argparse.Namespace) -> int:

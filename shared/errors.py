@@ -14,6 +14,7 @@
     ├── LeaseLost              another owner fenced this worker out of a session
     ├── SandboxError           the Docker Engine failed a call for a sandbox
     ├── EgressRefused          the egress proxy will not carry a connection
+    ├── DockerCallRefused      the Docker socket proxy will not carry a call
     └── RelayError             the stdio relay hit a protocol fault
         └── FrameError         a Docker stream frame header is malformed
 """
@@ -111,6 +112,16 @@ class EgressRefused(FleetError):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.status = status
+
+
+class DockerCallRefused(FleetError):
+    """The Docker socket proxy refuses one Engine API call."""
+
+    def __init__(self, call: str, reason: str, *, status: int = 403) -> None:
+        super().__init__(f"{call} refused by the fleet's Docker proxy: {reason}")
+        self.call = call
+        self.reason = reason
         self.status = status
 
 

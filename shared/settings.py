@@ -370,6 +370,38 @@ class TelemetryConfig(_Strict):
         return url
 
 
+class DockerProxyConfig(_Strict):
+    """The allow-listing proxy that alone holds the Docker Engine's socket."""
+
+    # The unix socket the worker's docker_url names, e.g. in a shared volume.
+    listen_path: str = "/run/acp-fleet/docker.sock"
+    # Owner and group read-write: the worker runs as root or in the group.
+    listen_mode: str = Field("0660", pattern=r"^0[0-7]{3}$")
+    # The Engine itself; only the proxy may be given this.
+    upstream_url: str = "unix:///var/run/docker.sock"
+    # A container found labelled stays trusted this long; ids are never reused.
+    label_cache_s: float = Field(5.0, ge=0, le=300)
+    # Create bodies carry the seccomp profile inline (about 10 KiB).
+    max_body_bytes: int = Field(4 * 1024**2, ge=64 * 1024, le=64 * 1024**2)
+
+    @field_validator("listen_path")
+    @classmethod
+    def _absolute_listen_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"{path!r} must be an absolute path")
+        return path
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _engine_url(cls, url: str) -> str:
+        if not re.fullmatch(r"unix:///\S+|(tcp|http)://[^/\s]+:\d+/?", url):
+            raise ValueError(
+                f"{url!r} is not an Engine address; accepted: unix:///path or "
+                "tcp://host:port"
+            )
+        return url
+
+
 def _default_docker_url() -> str:
     return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
@@ -397,6 +429,7 @@ class FleetSettings(BaseSettings):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    docker_proxy: DockerProxyConfig = Field(default_factory=DockerProxyConfig)
 
     @field_validator("config_version")
     @classmethod

@@ -280,3 +280,49 @@ class TestNetworkPolicy:
         message = load_error(path)
 
         assert "worker.egress.hosts: 'pypi.org' maps to 'somewhere'" in message
+
+
+class TestDockerProxyConfig:
+    """The socket proxy's settings: defaults, sizes, and Engine addresses."""
+
+    def test_defaults_listen_in_run_and_forward_to_the_engine(
+        self, tmp_path: Path
+    ) -> None:
+        """Without a table the proxy listens on /run/acp-fleet/docker.sock."""
+        proxy = load_settings(write_config(tmp_path, HEADER)).docker_proxy
+
+        assert proxy.listen_path == "/run/acp-fleet/docker.sock"
+        assert proxy.upstream_url == "unix:///var/run/docker.sock"
+        assert (proxy.listen_mode, proxy.max_body_bytes) == ("0660", 4 * 1024**2)
+
+    def test_sizes_and_addresses_are_read(self, tmp_path: Path) -> None:
+        """A body bound in bytes and a TCP Engine are accepted."""
+        table = (
+            "[docker_proxy]\nmax_body_bytes = 8388608\n"
+            'upstream_url = "tcp://127.0.0.1:2375"\nlisten_path = "/s/d.sock"\n'
+        )
+
+        proxy = load_settings(write_config(tmp_path, HEADER + table)).docker_proxy
+
+        assert (proxy.max_body_bytes, proxy.upstream_url) == (
+            8 * 1024**2,
+            "tcp://127.0.0.1:2375",
+        )
+
+    @pytest.mark.parametrize(
+        ("line", "field"),
+        [
+            ('listen_path = "docker.sock"', "docker_proxy.listen_path"),
+            ('upstream_url = "/var/run/docker.sock"', "docker_proxy.upstream_url"),
+            ('listen_mode = "666"', "docker_proxy.listen_mode"),
+            ("max_body_bytes = 1024", "docker_proxy.max_body_bytes"),
+        ],
+    )
+    def test_bad_values_name_the_field(
+        self, tmp_path: Path, line: str, field: str
+    ) -> None:
+        """A relative socket, an address without scheme, a mode without
+        its leading zero or a tiny body bound is refused, naming the field."""
+        path = write_config(tmp_path, HEADER + f"[docker_proxy]\n{line}\n")
+
+        assert f"  {field}: " in load_error(path)
