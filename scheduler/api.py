@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -44,6 +45,7 @@ from shared.models import (
     AuditEvent,
     AuditTrail,
     CreateSession,
+    DrainView,
     EgressRecord,
     EgressView,
     EndCause,
@@ -51,6 +53,7 @@ from shared.models import (
     NodeView,
     Outcome,
     QueueView,
+    RunningSessionView,
     SessionCreated,
     SessionList,
     SessionState,
@@ -436,11 +439,15 @@ def _remote(request: Request) -> str:
 def _operator_routes(app: FastAPI) -> None:
     @app.get("/v1/fleet", response_model=FleetView)
     async def fleet_view(
-        fleet: FleetDep, authorization: AuthHeader = None
+        fleet: FleetDep,
+        authorization: AuthHeader = None,
+        sessions_limit: Annotated[int, Query(ge=0, le=1000)] = 100,
     ) -> FleetView:
-        """Nodes (heartbeat age, capacity, sessions, drain state) and the queue."""
+        """Nodes (heartbeat age, capacity, sessions by state, drain state and
+        progress, pools), the running sessions (oldest first, at most
+        ``sessions_limit``) and the queue."""
         fleet.auth.operator_for_key(_bearer(authorization))
-        return await _fleet_view(fleet)
+        return await _fleet_view(fleet, sessions_limit=sessions_limit)
 
     @app.post("/v1/nodes/{node}/drain", status_code=202, response_model=FleetView)
     async def drain_node(
@@ -541,27 +548,58 @@ async def _set_drain(
     return await _fleet_view(fleet)
 
 
-async def _fleet_view(fleet: Fleet) -> FleetView:
+async def _fleet_view(fleet: Fleet, *, sessions_limit: int = 100) -> FleetView:
     now_ms = await fleet.store.now_ms()
-    drains = fleet.store.keys
-    nodes = []
-    for record in await fleet.store.nodes():
-        requested = await fleet.store.redis.exists(drains.node_drain(record["node"]))
-        nodes.append(
-            NodeView(
-                node=record["node"],
-                heartbeat_age_ms=now_ms - int(record["heartbeat_ms"]),
-                capacity=int(record.get("capacity", 0)),
-                sessions=int(record.get("sessions", 0)),
-                draining=record.get("draining") == "1",
-                drain_requested=bool(requested),
-                started_ms=int(record.get("started_ms", 0)),
-                pools=json.loads(record.get("pools", "{}")),
-            )
-        )
+    running = [
+        _running_view(row, now_ms) for row in await fleet.store.running_sessions()
+    ]
+    nodes = [
+        await _node_view(fleet, record, running, now_ms)
+        for record in await fleet.store.nodes()
+    ]
     depth, oldest_ms = await fleet.store.queue_stats()
     wait_ms = None if oldest_ms is None else now_ms - oldest_ms
-    return FleetView(nodes=nodes, queue=QueueView(depth=depth, oldest_wait_ms=wait_ms))
+
+    return FleetView(
+        nodes=nodes,
+        queue=QueueView(depth=depth, oldest_wait_ms=wait_ms),
+        sessions=running[:sessions_limit],
+        sessions_total=len(running),
+    )
+
+
+async def _node_view(
+    fleet: Fleet,
+    record: dict[str, str],
+    running: list[RunningSessionView],
+    now_ms: int,
+) -> NodeView:
+    request = await fleet.store.drain_request(record["node"])
+    states = Counter(row.state for row in running if row.node == record["node"])
+    return NodeView(
+        node=record["node"],
+        heartbeat_age_ms=now_ms - int(record["heartbeat_ms"]),
+        capacity=int(record.get("capacity", 0)),
+        sessions=int(record.get("sessions", 0)),
+        draining=record.get("draining") == "1",
+        drain_requested=request is not None,
+        started_ms=int(record.get("started_ms", 0)),
+        pools=json.loads(record.get("pools", "{}")),
+        drain=None if request is None else DrainView(**request),
+        states=dict(states),
+    )
+
+
+def _running_view(row: dict[str, str], now_ms: int) -> RunningSessionView:
+    return RunningSessionView(
+        id=row["id"],
+        org=row.get("org", ""),
+        profile=row.get("profile", ""),
+        node=row.get("node", ""),
+        state=row["state"],
+        age_ms=now_ms - int(row.get("claimed_ms", now_ms)),
+        start=row.get("start"),
+    )
 
 
 def _seen_interval_s(settings: FleetSettings, record: dict[str, str]) -> float:

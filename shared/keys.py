@@ -104,7 +104,9 @@ class Keys:
         return f"{self.prefix}:node:{node}"
 
     def node_drain(self, node: str) -> str:
-        """String: present while operators want the node drained."""
+        """String: present while operators want the node drained; JSON of
+        when they asked (``requested_ms``) and how many sessions the node
+        ran then (``sessions_at_start``), for the drain's progress."""
         return f"{self.prefix}:node:{node}:drain"
 
     @property

@@ -249,6 +249,14 @@ class EgressView(BaseModel):
     records: list[EgressRecord]
 
 
+class DrainView(BaseModel):
+    """Operators' standing request to drain a node: when it was made and
+    how many sessions the node ran then (unknown for older requests)."""
+
+    requested_ms: int | None = None
+    sessions_at_start: int | None = None
+
+
 class NodeView(BaseModel):
     """One worker node as operators see it."""
 
@@ -260,6 +268,20 @@ class NodeView(BaseModel):
     drain_requested: bool
     started_ms: int
     pools: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    drain: DrainView | None = None
+    states: dict[str, int] = Field(default_factory=dict)
+
+
+class RunningSessionView(BaseModel):
+    """A claimed, not yet ended session, as operators see it."""
+
+    id: str
+    org: str
+    profile: str
+    node: str
+    state: str
+    age_ms: int
+    start: str | None = None
 
 
 class QueueView(BaseModel):
@@ -274,6 +296,8 @@ class FleetView(BaseModel):
 
     nodes: list[NodeView]
     queue: QueueView
+    sessions: list[RunningSessionView] = Field(default_factory=list)
+    sessions_total: int = 0
 
 
 class Outcome(BaseModel):

@@ -498,10 +498,55 @@ class SessionStore:
         """Ask a node to stop claiming sessions, or to resume; the request
         stands until an operator withdraws it."""
         key = self.keys.node_drain(node)
-        if drain:
-            await self.redis.set(key, "1")
-        else:
+        if not drain:
             await self.redis.delete(key)
+            return
+
+        sessions = await self.redis.hget(self.keys.node(node), "sessions")  # type: ignore[misc]
+        request = {
+            "requested_ms": await self.now_ms(),
+            "sessions_at_start": int(sessions or 0),
+        }
+        # A repeated request keeps the first one, so that progress is
+        # measured from the sessions the node ran when the drain began.
+        await self.redis.set(key, json.dumps(request), nx=True)
+
+    async def drain_request(self, node: str) -> dict[str, int] | None:
+        """Return the operators' standing drain request of ``node``, if any:
+        when it was made and how many sessions the node then ran."""
+        raw = await self.redis.get(self.keys.node_drain(node))
+        if raw is None:
+            return None
+        try:
+            request = json.loads(raw)
+        except ValueError:
+            request = None
+        # A request written before its start was recorded is the bare "1".
+        if not isinstance(request, dict):
+            return {}
+        return {name: int(value) for name, value in request.items()}
+
+    async def running_sessions(self) -> list[dict[str, str]]:
+        """Return every claimed session that has not ended, oldest claim first,
+        with its id, org, profile, node, state, claim time and start kind."""
+        names = [
+            _text(raw) for raw in await self.redis.zrange(self.keys.running, 0, -1)
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id in names:
+                pipe.hmget(self.keys.session(session_id), list(_RUNNING_FIELDS))
+            rows = await pipe.execute()
+        sessions = []
+        for session_id, values in zip(names, rows, strict=True):
+            fields = dict(zip(_RUNNING_FIELDS, values, strict=True))
+            # A record can expire or end between the two reads.
+            if fields["state"] is None or _text(fields["state"]) == "ended":
+                continue
+            row = {k: _text(v) for k, v in fields.items() if v is not None}
+            sessions.append({"id": session_id, **row})
+        sessions.sort(key=lambda row: int(row.get("claimed_ms", 0)))
+
+        return sessions
 
     async def put_upload(self, session_id: str, archive: bytes, ttl_ms: int) -> str:
         """Keep the workspace archive a queued session waits for.
@@ -592,6 +637,10 @@ class SessionStore:
 
 def _flat(pairs: Mapping[str, str]) -> list[str]:
     return [item for pair in pairs.items() for item in pair]
+
+
+# What the operators' view shows of each running session.
+_RUNNING_FIELDS = ("org", "profile", "node", "state", "claimed_ms", "start")
 
 
 def _text(value: Any) -> str:

@@ -192,6 +192,7 @@ class WarmPool:
             "ready": len(self.ready),
             "target": self.config.size,
             "oldest_age_s": round(max((now - m.born for m in self.ready), default=0)),
+            "member_ages_s": sorted(round(now - m.born) for m in self.ready),
             "hits": self.stats.hits,
             "misses": self.stats.misses,
             "refill_failures": self.stats.refill_failures,

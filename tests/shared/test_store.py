@@ -469,3 +469,86 @@ class TestFinish:
         assert third.admitted
         assert ended is True
         assert (await store.record("s1") or {})["cause"] == "worker_lost"
+
+
+class TestDrainRequest:
+    """Operators' drain request and what it records for progress."""
+
+    async def test_a_request_records_the_sessions_at_its_start(
+        self, store: SessionStore
+    ) -> None:
+        """The node's heartbeat count is kept with the request's time."""
+        await store.beat_node("node-1", {"sessions": "3"}, ttl_ms=10_000)
+
+        await store.set_drain("node-1", drain=True)
+        request = await store.drain_request("node-1")
+
+        assert request is not None
+        assert request["sessions_at_start"] == 3
+        assert request["requested_ms"] > 0
+
+    async def test_a_repeated_request_keeps_the_first(
+        self, store: SessionStore
+    ) -> None:
+        """Asking again while draining does not restart the progress."""
+        await store.beat_node("node-1", {"sessions": "3"}, ttl_ms=10_000)
+        await store.set_drain("node-1", drain=True)
+        await store.beat_node("node-1", {"sessions": "1"}, ttl_ms=10_000)
+
+        await store.set_drain("node-1", drain=True)
+
+        assert (await store.drain_request("node-1") or {})["sessions_at_start"] == 3
+
+    async def test_undo_withdraws_the_request(self, store: SessionStore) -> None:
+        """After undo there is no request and the worker sees none."""
+        await store.set_drain("node-1", drain=True)
+
+        await store.set_drain("node-1", drain=False)
+
+        assert await store.drain_request("node-1") is None
+        assert await store.beat_node("node-1", {}, ttl_ms=10_000) is False
+
+    async def test_a_bare_request_has_no_start(self, store: SessionStore) -> None:
+        """A request stored as the bare flag reads as one without a start."""
+        await store.redis.set(KEYS.node_drain("node-1"), "1")
+
+        assert await store.drain_request("node-1") == {}
+
+
+class TestRunningSessions:
+    """The claimed sessions operators see."""
+
+    async def test_claimed_sessions_are_listed_oldest_first(
+        self, store: SessionStore
+    ) -> None:
+        """Each claimed session shows its org, profile, node and state."""
+        await admitted_and_claimed(store, "s1")
+        await asyncio.sleep(0.01)
+        await admitted_and_claimed(store, "s2")
+        assert (await admit(store, "s3", max_sessions=3)).admitted
+
+        running = await store.running_sessions()
+
+        assert [row["id"] for row in running] == ["s1", "s2"]
+        assert running[0]["org"] == "acme"
+        assert running[0]["profile"] == "coder"
+        assert running[0]["node"] == "node-1"
+        assert running[0]["state"] == "starting"
+        assert int(running[1]["claimed_ms"]) >= int(running[0]["claimed_ms"])
+
+    async def test_an_ended_session_is_not_listed(self, store: SessionStore) -> None:
+        """A finished session leaves the listing."""
+        claim = await admitted_and_claimed(store, "s1")
+
+        await store.finish("s1", org="acme", expect=claim.token, outcome=EXIT_7)
+
+        assert await store.running_sessions() == []
+
+    async def test_a_record_ended_between_reads_is_skipped(
+        self, store: SessionStore
+    ) -> None:
+        """A session still in the running set but recorded as ended is left out."""
+        await admitted_and_claimed(store, "s1")
+        await store.redis.hset(KEYS.session("s1"), "state", "ended")
+
+        assert await store.running_sessions() == []
