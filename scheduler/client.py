@@ -135,6 +135,14 @@ class FleetClient:
         """Cancel a session, queued or running."""
         return await self._call("DELETE", f"/v1/sessions/{session_id}")
 
+    async def fleet(self, *, sessions_limit: int = 100) -> dict[str, Any]:
+        """Operators: nodes, pools, drains, running sessions and the queue.
+
+        Needs an operator key as the credential.
+        """
+        params = {"sessions_limit": sessions_limit}
+        return await self._call("GET", "/v1/fleet", params=params)
+
     def stdio(self, session_id: str, *, cursor: str | None = None) -> Stdio:
         """Return the session's stdio connection, to use with ``async with``."""
         ws_base = "ws" + self.base_url.removeprefix("http")

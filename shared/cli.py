@@ -135,6 +135,8 @@ def _add_operator_commands(commands: Any) -> None:
     nodes.add_argument("--json", action="store_true", help="print the raw JSON")
     nodes.set_defaults(run=_run_nodes)
 
+    _add_top_command(commands)
+
     drain = commands.add_parser(
         "drain",
         help="stop a node from claiming sessions (or let it resume)",
@@ -146,6 +148,51 @@ def _add_operator_commands(commands: Any) -> None:
     drain.add_argument("node", help="the node's name, as 'nodes' lists it")
     drain.add_argument("--undo", action="store_true", help="let the node resume")
     drain.set_defaults(run=_run_drain)
+
+
+def _add_top_command(commands: Any) -> None:
+    """Operators' live view."""
+    top = commands.add_parser(
+        "top",
+        help="watch nodes, pools, sessions and the queue, refreshing in place",
+        description="A live view of the fleet, redrawn in place every "
+        "--interval-s: each node's heartbeat age, sessions (starting and "
+        "running) against capacity and drain state; a progress bar while a "
+        "node drains (sessions left of those it ran when the drain was "
+        "asked for) and for each warm pool (ready of target, with member "
+        "ages); the running sessions, oldest first, with org, profile, node "
+        "and age; the queue's depth and oldest wait. Press q or Ctrl-C to "
+        "quit. --once prints one frame and exits (for scripts and pipes). "
+        "Needs an operator key in ACP_FLEET_OPERATOR_KEY.",
+    )
+    _url_option(top)
+    top.add_argument(
+        "--interval-s",
+        type=_positive_seconds,
+        default=1.0,
+        help="seconds between refreshes (default: %(default)s)",
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument(
+        "--sessions",
+        type=int,
+        default=20,
+        metavar="N",
+        help="list at most N running sessions (default: %(default)s)",
+    )
+    top.set_defaults(run=_run_top)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds, such as 0.5 or 2, not {text!r}"
+        )
+    return value
 
 
 def _add_demo_command(commands: Any) -> None:
@@ -349,6 +396,52 @@ def _table(view: Any) -> str:
 
 def _run_nodes(args: argparse.Namespace) -> int:
     return _operator_call(args, "GET", "/v1/fleet")
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    import httpx
+    from rich.console import Console
+
+    from scheduler.client import ApiError, FleetClient
+    from scheduler.top import render, watch
+
+    key = os.environ.get("ACP_FLEET_OPERATOR_KEY")
+    if not key:
+        _complain("set ACP_FLEET_OPERATOR_KEY to an operator key")
+        return 2
+    sessions_limit = max(0, min(args.sessions, 1000))
+
+    async def run() -> None:
+        # A scheduler that does not answer within a few refreshes is
+        # reported rather than waited for.
+        async with FleetClient(args.url, key, timeout_s=5) as client:
+            if args.once:
+                view = await client.fleet(sessions_limit=sessions_limit)
+                Console().print(render(view))
+                return
+            await watch(
+                client,
+                interval_s=args.interval_s,
+                sessions_limit=sessions_limit,
+                console=Console(),
+            )
+
+    try:
+        asyncio.run(run())
+    except ApiError as exc:
+        _complain(f"top: {exc}")
+        return 2
+    except httpx.HTTPError as exc:
+        _complain(f"top: cannot reach {args.url}: {exc or type(exc).__name__}")
+        return 2
+    except ValueError:
+        # Something answered, but not with the fleet's JSON.
+        _complain(f"top: {args.url} does not answer as an ACP Fleet scheduler")
+        return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is how a live view is left; nothing failed.
+        return 0
+    return 0
 
 
 def _run_drain(args: argparse.Namespace) -> int:
