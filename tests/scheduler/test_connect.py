@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from shared.localfleet import REPO, LocalFleet
-
-
-def cli(
-    *args: str, env: dict[str, str], stdin: object = subprocess.DEVNULL
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``acp-fleet`` with ``args`` in ``env``."""
-    return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
-        stdin=stdin,
-        capture_output=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
+from shared.localfleet import LocalFleet
+from tests.cli import cli
 
 
 def connect(

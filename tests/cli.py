@@ -1,0 +1,23 @@
+"""Running the ``acp-fleet`` command as operators and editors do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from shared.localfleet import REPO
+
+
+def cli(
+    *args: str, env: dict[str, str], stdin: object = subprocess.DEVNULL
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``acp-fleet`` with ``args`` in ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        stdin=stdin,
+        capture_output=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
