@@ -1,0 +1,422 @@
+"""``acp-fleet top``: its frames from a snapshot, and the command on a fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from scheduler.client import FleetClient
+from scheduler.top import BAR_WIDTH, render
+from shared.localfleet import REPO, LocalFleet, local_fleet
+from tests.cli import cli
+from tests.sandboxes import busybox_profile
+
+BAR = "━"
+
+
+def node(name: str = "node-a", **fields: Any) -> dict[str, Any]:
+    """A node as ``GET /v1/fleet`` answers it, idle and active by default."""
+    return {
+        "node": name,
+        "heartbeat_age_ms": 800,
+        "capacity": 8,
+        "sessions": 0,
+        "draining": False,
+        "drain_requested": False,
+        "started_ms": 0,
+        "pools": {},
+        "drain": None,
+        "states": {},
+        **fields,
+    }
+
+
+def snapshot(
+    *nodes: dict[str, Any],
+    depth: int = 0,
+    oldest_wait_ms: int | None = None,
+    sessions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A whole answer of ``GET /v1/fleet``."""
+    listed = sessions or []
+    return {
+        "nodes": list(nodes),
+        "queue": {"depth": depth, "oldest_wait_ms": oldest_wait_ms},
+        "sessions": listed,
+        "sessions_total": len(listed),
+    }
+
+
+def frame(view: dict[str, Any], **kwargs: Any) -> str:
+    """The frame as a plain, colourless terminal of 100 columns shows it."""
+    out = io.StringIO()
+    console = Console(file=out, width=100, color_system=None)
+    console.print(render(view, **kwargs))
+    return out.getvalue()
+
+
+def line_with(text: str, needle: str) -> str:
+    return next(line for line in text.splitlines() if needle in line)
+
+
+def draining(sessions: int, at_start: int | None) -> dict[str, Any]:
+    """A draining node; without ``at_start`` as when SIGTERM stops its worker."""
+    drain = None
+    if at_start is not None:
+        drain = {"requested_ms": 1, "sessions_at_start": at_start}
+    return node(
+        sessions=sessions,
+        draining=True,
+        drain_requested=drain is not None,
+        drain=drain,
+        states={"running": sessions},
+    )
+
+
+class TestRenderNodes:
+    def test_a_draining_node_shows_sessions_left_and_progress(self) -> None:
+        """Two of five sessions left: 3/5 ended and a bar three fifths long."""
+        text = frame(snapshot(draining(sessions=2, at_start=5)))
+
+        line = line_with(text, "draining:")
+        assert "node-a draining: 2 sessions left" in line
+        assert "3/5 ended" in line
+        assert line.count(BAR) == BAR_WIDTH * 3 // 5
+
+    def test_a_finished_drain_shows_a_full_bar_and_drained(self) -> None:
+        """With no session left the node reads drained and the bar is full."""
+        text = frame(snapshot(draining(sessions=0, at_start=4)))
+
+        assert line_with(text, "draining:").count(BAR) == BAR_WIDTH
+        assert "4/4 ended" in text
+        assert "drained" in line_with(text, "node-a  ")
+
+    def test_a_drain_without_a_recorded_start_has_no_bar(self) -> None:
+        """A worker stopping on SIGTERM shows sessions left, with no bar."""
+        text = frame(snapshot(draining(sessions=3, at_start=None)))
+
+        line = line_with(text, "draining:")
+        assert "node-a draining: 3 sessions left" in line
+        assert BAR not in line
+
+    def test_a_requested_drain_not_yet_followed_says_so(self) -> None:
+        """Before the worker's next heartbeat the node reads drain requested."""
+        request = {"requested_ms": 1, "sessions_at_start": 1}
+        waiting = node(sessions=1, drain_requested=True, drain=request)
+
+        text = frame(snapshot(waiting))
+
+        assert "drain requested" in text
+        assert "0/1 ended" in text
+
+    def test_sessions_per_state_and_capacity_are_shown(self) -> None:
+        """A node's row counts starting and running sessions against capacity."""
+        busy = node(sessions=3, states={"starting": 1, "running": 2})
+
+        row = line_with(frame(snapshot(busy)), "node-a  ")
+
+        assert row.split()[1:6] == ["0.8s", "3/8", "1", "2", "active"]
+
+    def test_a_stale_heartbeat_shows_its_age(self) -> None:
+        """A node silent for a minute shows 1m00s as its beat."""
+        text = frame(snapshot(node(heartbeat_age_ms=60_000)))
+
+        assert "1m00s" in line_with(text, "node-a  ")
+
+    def test_an_empty_fleet_says_what_to_start(self) -> None:
+        """With no node the frame says so and names the command to run."""
+        text = frame(snapshot())
+
+        assert "No worker node has sent a heartbeat" in text
+        assert "acp-fleet worker" in text
+        assert "queue: empty" in text
+
+
+class TestRenderPools:
+    def pool(self, ready: int, target: int, **fields: Any) -> dict[str, Any]:
+        return {
+            "ready": ready,
+            "target": target,
+            "member_ages_s": list(range(ready)),
+            "hits": 0,
+            "misses": 0,
+            "backing_off": False,
+            **fields,
+        }
+
+    def test_a_filling_pool_shows_ready_of_target(self) -> None:
+        """One of four ready: 1/4, a quarter of a bar, and filling."""
+        pools = {"claude": self.pool(1, 4)}
+
+        line = line_with(frame(snapshot(node(pools=pools))), "claude")
+
+        assert "1/4" in line
+        assert line.count(BAR) == BAR_WIDTH // 4
+        assert "filling" in line
+
+    def test_a_full_pool_reads_ready_with_its_members_ages(self) -> None:
+        """A full pool's bar is whole and every member's age is listed."""
+        pools = {"claude": self.pool(2, 2, member_ages_s=[5, 75])}
+
+        line = line_with(frame(snapshot(node(pools=pools))), "claude")
+
+        assert line.count(BAR) == BAR_WIDTH
+        assert "5.0s 1m15s" in line
+        assert line.rstrip().endswith("ready")
+
+    def test_many_members_show_youngest_and_oldest(self) -> None:
+        """Past a few members only the youngest and the oldest age are shown."""
+        pools = {"claude": self.pool(5, 5, member_ages_s=[1, 2, 3, 4, 7200])}
+
+        line = line_with(frame(snapshot(node(pools=pools))), "claude")
+
+        assert "1.0s … 2h00m" in line
+
+    def test_a_pool_backing_off_says_so(self) -> None:
+        """A pool whose refills fail shows backing off."""
+        pools = {"claude": self.pool(0, 2, backing_off=True)}
+
+        line = line_with(frame(snapshot(node(pools=pools))), "claude")
+
+        assert "backing off" in line
+
+
+class TestRenderSessionsAndQueue:
+    def test_queue_depth_and_oldest_wait_are_shown(self) -> None:
+        """Three waiting, the oldest for 12.5 s."""
+        text = frame(snapshot(node(), depth=3, oldest_wait_ms=12_500))
+
+        assert "queue: 3 waiting, oldest waiting 12s" in text
+        assert "3 queued" in text
+
+    def test_running_sessions_show_org_profile_node_and_age(self) -> None:
+        """A session's row has its short id, owner, profile, node, state, age."""
+        session = {
+            "id": "0123456789abcdef" * 2,
+            "org": "acme",
+            "profile": "claude",
+            "node": "node-a",
+            "state": "running",
+            "age_ms": 65_000,
+            "start": "warm",
+        }
+        view = snapshot(node(sessions=1), sessions=[session])
+        view["sessions_total"] = 7
+
+        text = frame(view)
+
+        assert "sessions (1 of 7, oldest first)" in text
+        row = line_with(text, "0123456789ab ")
+        assert row.split() == [
+            "0123456789ab",
+            "acme",
+            "claude",
+            "node-a",
+            "running",
+            "1m05s",
+            "warm",
+        ]
+
+    def test_no_running_session_is_said_plainly(self) -> None:
+        """An idle fleet says that no session runs."""
+        assert "no sessions running" in frame(snapshot(node()))
+
+    def test_a_notice_heads_the_frame(self) -> None:
+        """A failed refresh is shown above the last good frame."""
+        text = frame(snapshot(node()), notice="cannot reach x; retrying")
+
+        assert text.splitlines()[0] == "cannot reach x; retrying"
+
+
+# The top tests' own fleet: a pool to watch fill, sessions that wait, and
+# heartbeats often enough that a drain shows within a second.
+POOL_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def watched(redis_url: str, docker_images: None) -> Iterator[LocalFleet]:
+    """A worker with a warm pool and a profile whose sessions stay running."""
+    with local_fleet(
+        {
+            "pooled": {**busybox_profile("cat"), "pool": {"size": POOL_SIZE}},
+            "sleep": busybox_profile("sleep 600"),
+        },
+        redis_url=redis_url,
+        orgs={"acme": {"max_sessions": 8, "sessions_per_minute": 10_000}},
+        worker={"heartbeat_ms": 300, "lease_ms": 3000, "kill_grace_s": 1.0},
+    ) as fleet:
+        yield fleet
+
+
+def operator_env(fleet: LocalFleet) -> dict[str, str]:
+    return {**os.environ, "ACP_FLEET_OPERATOR_KEY": fleet.operator_key}
+
+
+async def until(
+    fleet: LocalFleet, check: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Poll the fleet view until ``check`` holds for it (or fail)."""
+    deadline = time.monotonic() + 30
+    async with FleetClient(fleet.url, fleet.operator_key) as ops:
+        while True:
+            view = await ops.fleet()
+            if check(view):
+                return view
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the fleet never got there: {view}")
+            await asyncio.sleep(0.1)
+
+
+def ours(fleet: LocalFleet, view: dict[str, Any]) -> dict[str, Any]:
+    name = fleet.settings.worker.node
+    found: dict[str, Any] = next(n for n in view["nodes"] if n["node"] == name)
+    return found
+
+
+class TestTopCommand:
+    async def test_once_shows_the_node_its_pool_and_the_queue(
+        self, watched: LocalFleet
+    ) -> None:
+        """One frame names the worker's node, its full pool and the queue."""
+        await until(
+            watched,
+            lambda v: ours(watched, v)["pools"]["pooled"]["ready"] == POOL_SIZE,
+        )
+
+        done = cli("top", "--once", "--url", watched.url, env=operator_env(watched))
+
+        text = done.stdout.decode()
+        assert done.returncode == 0, done.stderr
+        node = watched.settings.worker.node
+        assert "active" in line_with(text, node + " ")
+        pool = line_with(text, "pooled")
+        assert node in pool
+        assert f"{POOL_SIZE}/{POOL_SIZE}" in pool
+        assert "queue: empty" in text
+
+    async def test_a_drain_shows_its_progress_and_the_waiting_queue(
+        self, watched: LocalFleet
+    ) -> None:
+        """While draining: sessions left of those at its start, and the queue."""
+        node = watched.settings.worker.node
+        env = operator_env(watched)
+        async with FleetClient(watched.url, watched.api_key) as client:
+            running = await client.create_session("sleep")
+            await until(
+                watched,
+                lambda v: (
+                    [s["state"] for s in v["sessions"]] == ["running"]
+                    and ours(watched, v)["sessions"] == 1
+                ),
+            )
+            try:
+                assert cli("drain", node, "--url", watched.url, env=env).returncode == 0
+                await until(watched, lambda v: ours(watched, v)["draining"])
+                waiting = await client.create_session("sleep")
+                await until(watched, lambda v: v["queue"]["depth"] == 1)
+                during = cli("top", "--once", "--url", watched.url, env=env)
+
+                await client.cancel(running["id"])
+                await until(watched, lambda v: ours(watched, v)["sessions"] == 0)
+                after = cli("top", "--once", "--url", watched.url, env=env)
+            finally:
+                cli("drain", node, "--undo", "--url", watched.url, env=env)
+            await client.cancel(waiting["id"])
+
+        text = during.stdout.decode()
+        assert during.returncode == 0, during.stderr
+        assert f"{node} draining: 1 sessions left" in text
+        assert "0/1 ended" in text
+        assert "queue: 1 waiting, oldest waiting" in text
+        row = line_with(text, running["id"][:12])
+        assert row.split()[1:5] == ["acme", "sleep", node, "running"]
+        assert "1/1 ended" in after.stdout.decode()
+        assert "drained" in line_with(after.stdout.decode(), node + " ")
+
+    def test_the_live_view_refreshes_and_quits_on_ctrl_c(
+        self, watched: LocalFleet
+    ) -> None:
+        """Refreshing every 0.2 s, Ctrl-C ends it with status 0, no traceback."""
+        args = ["top", "--interval-s", "0.2", "--url", watched.url]
+        live = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=operator_env(watched),
+            cwd=REPO,
+        )
+        time.sleep(2)
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=30)
+
+        assert live.returncode == 0, err
+        assert b"Traceback" not in err
+        assert watched.settings.worker.node.encode() in out
+
+    def test_a_wrong_operator_key_is_one_line_and_exit_2(
+        self, watched: LocalFleet
+    ) -> None:
+        """An organisation's key is refused with the API's reason, no traceback."""
+        env = {**os.environ, "ACP_FLEET_OPERATOR_KEY": watched.api_key}
+
+        done = cli("top", "--once", "--url", watched.url, env=env)
+
+        assert done.returncode == 2
+        lines = done.stderr.decode().splitlines()
+        assert len(lines) == 1
+        assert lines[0].startswith("acp-fleet: top: 401 operator_required: ")
+        assert done.stdout == b""
+
+
+class TestTopCommandAlone:
+    def test_an_unreachable_scheduler_is_one_line_and_exit_2(self) -> None:
+        """A scheduler that does not answer is named in one line."""
+        env = {**os.environ, "ACP_FLEET_OPERATOR_KEY": "afo_x"}
+
+        done = cli("top", "--once", "--url", "http://127.0.0.1:1", env=env)
+
+        assert done.returncode == 2
+        lines = done.stderr.decode().splitlines()
+        assert len(lines) == 1
+        assert lines[0].startswith("acp-fleet: top: cannot reach http://127.0.0.1:1")
+
+    def test_without_an_operator_key_it_names_the_variable(self) -> None:
+        """With no key set the command says which variable to set."""
+        env = {k: v for k, v in os.environ.items() if k != "ACP_FLEET_OPERATOR_KEY"}
+
+        done = cli("top", "--once", env=env)
+
+        assert done.returncode == 2
+        assert b"ACP_FLEET_OPERATOR_KEY" in done.stderr
+
+    def test_help_explains_the_view_and_its_options(self) -> None:
+        """--help says what is shown, how to quit, and names every option."""
+        done = cli("top", "--help", env=dict(os.environ))
+
+        text = " ".join(done.stdout.decode().split())
+        assert done.returncode == 0
+        for words in ("--interval-s", "--once", "--url", "--sessions"):
+            assert words in text
+        assert "Press q or Ctrl-C to quit" in text
+        assert "ACP_FLEET_OPERATOR_KEY" in text
+
+    @pytest.mark.parametrize("interval", ["0", "-1", "soon"])
+    def test_an_interval_that_is_not_positive_is_refused(self, interval: str) -> None:
+        """--interval-s takes positive seconds and says so."""
+        env = {**os.environ, "ACP_FLEET_OPERATOR_KEY": "afo_x"}
+
+        done = cli("top", "--interval-s", interval, env=env)
+
+        assert done.returncode == 2
+        assert b"expected a positive number of seconds" in done.stderr
