@@ -127,7 +127,8 @@ def _drain_line(node: Mapping[str, Any]) -> RenderableType:
     """ "draining: N sessions left", with a bar from the count at its start
     when operators asked for it (a worker stopped by a signal has none)."""
     left = node["sessions"]
-    text = Text(f"{node['node']} draining: {left} sessions left")
+    noun = "session" if left == 1 else "sessions"
+    text = Text(f"{node['node']} draining: {left} {noun} left")
     at_start = (node.get("drain") or {}).get("sessions_at_start")
     if at_start is None:
         return text
@@ -165,8 +166,8 @@ def _member_ages(pool: Mapping[str, Any]) -> str:
     if ages_s is None:
         # A worker older than this view reports its oldest member only.
         oldest_s = pool.get("oldest_age_s", 0)
-        return f"oldest {_age(oldest_s * 1000)}" if pool["ready"] else "-"
-    ages = [_age(age_s * 1000) for age_s in ages_s]
+        return f"oldest {_seconds(oldest_s)}" if pool["ready"] else "-"
+    ages = [_seconds(age_s) for age_s in ages_s]
     if len(ages) > AGES_LISTED:
         return f"{ages[0]} … {ages[-1]}"
     return " ".join(ages) or "-"
@@ -228,6 +229,11 @@ def _table(title: str) -> Table:
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
 
 
+def _seconds(age_s: int) -> str:
+    """Whole seconds (as pools report them) as a short age."""
+    return f"{age_s}s" if age_s < 60 else _age(age_s * 1000)
+
+
 def _age(ms: int) -> str:
     """Milliseconds as a short age: ``0.8s``, ``42s``, ``3m05s``, ``2h07m``."""
     seconds = max(ms, 0) / 1000
@@ -260,9 +266,11 @@ async def watch(
         httpx.HTTPError: the first read did not reach the scheduler.
     """
     view = await client.fleet(sessions_limit=sessions_limit)
+    # Keys are read from before the first frame, so a q typed as soon as
+    # the view shows is not lost in the switch of terminal modes.
     with (
-        Live(render(view), console=console, auto_refresh=False) as live,
         _quit_key() as quit_pressed,
+        Live(render(view), console=console, auto_refresh=False) as live,
     ):
         while not await _wait(quit_pressed, interval_s):
             notice = None
@@ -300,7 +308,8 @@ def _quit_key() -> Iterator[asyncio.Event]:
         if os.read(fd, 1) in (b"q", b"Q"):
             pressed.set()
 
-    tty.setcbreak(fd)
+    # TCSANOW: the default TCSAFLUSH would drop keys typed before this.
+    tty.setcbreak(fd, termios.TCSANOW)
     loop.add_reader(fd, read_key)
     try:
         yield pressed

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -93,6 +96,12 @@ class TestRenderNodes:
         assert "3/5 ended" in line
         assert line.count(BAR) == BAR_WIDTH * 3 // 5
 
+    def test_one_session_left_is_singular(self) -> None:
+        """The count reads as a sentence: 1 session left."""
+        text = frame(snapshot(draining(sessions=1, at_start=2)))
+
+        assert "node-a draining: 1 session left" in text
+
     def test_a_finished_drain_shows_a_full_bar_and_drained(self) -> None:
         """With no session left the node reads drained and the bar is full."""
         text = frame(snapshot(draining(sessions=0, at_start=4)))
@@ -171,7 +180,7 @@ class TestRenderPools:
         line = line_with(frame(snapshot(node(pools=pools))), "claude")
 
         assert line.count(BAR) == BAR_WIDTH
-        assert "5.0s 1m15s" in line
+        assert "5s 1m15s" in line
         assert line.rstrip().endswith("ready")
 
     def test_many_members_show_youngest_and_oldest(self) -> None:
@@ -180,7 +189,7 @@ class TestRenderPools:
 
         line = line_with(frame(snapshot(node(pools=pools))), "claude")
 
-        assert "1.0s … 2h00m" in line
+        assert "1s … 2h00m" in line
 
     def test_a_pool_backing_off_says_so(self) -> None:
         """A pool whose refills fail shows backing off."""
@@ -238,6 +247,26 @@ class TestRenderSessionsAndQueue:
         assert text.splitlines()[0] == "cannot reach x; retrying"
 
 
+class TestAges:
+    @pytest.mark.parametrize(
+        ("ms", "shown"),
+        [
+            (0, "0.0s"),
+            (850, "0.8s"),
+            (9_940, "9.9s"),
+            (42_000, "42s"),
+            (185_000, "3m05s"),
+            (7_620_000, "2h07m"),
+            (-5, "0.0s"),
+        ],
+    )
+    def test_ages_are_short_and_keep_their_unit(self, ms: int, shown: str) -> None:
+        """Tenths below 10 s, then seconds, minutes and hours; never negative."""
+        view = snapshot(node(), depth=1, oldest_wait_ms=ms)
+
+        assert f"oldest waiting {shown}" in frame(view)
+
+
 # The top tests' own fleet: a pool to watch fill, sessions that wait, and
 # heartbeats often enough that a drain shows within a second.
 POOL_SIZE = 2
@@ -275,6 +304,32 @@ async def until(
             if time.monotonic() > deadline:
                 raise AssertionError(f"the fleet never got there: {view}")
             await asyncio.sleep(0.1)
+
+
+def read_until(fd: int, needle: bytes, timeout_s: float = 20) -> bytes:
+    """Read a terminal's output until ``needle`` shows (or fail)."""
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    while needle not in seen:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never shown: {needle!r} in {seen[-2000:]!r}")
+        readable, _, _ = select.select([fd], [], [], 0.1)
+        if readable:
+            seen += os.read(fd, 65536)
+    return seen
+
+
+def drain_until_exit(
+    fd: int, process: subprocess.Popen[bytes], timeout_s: float = 10
+) -> None:
+    """Read and drop a terminal's output until ``process`` exits (or fail)."""
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError("the view did not quit")
+        readable, _, _ = select.select([fd], [], [], 0.1)
+        if readable:
+            os.read(fd, 65536)
 
 
 def ours(fleet: LocalFleet, view: dict[str, Any]) -> dict[str, Any]:
@@ -335,7 +390,7 @@ class TestTopCommand:
 
         text = during.stdout.decode()
         assert during.returncode == 0, during.stderr
-        assert f"{node} draining: 1 sessions left" in text
+        assert f"{node} draining: 1 session left" in text
         assert "0/1 ended" in text
         assert "queue: 1 waiting, oldest waiting" in text
         row = line_with(text, running["id"][:12])
@@ -363,6 +418,38 @@ class TestTopCommand:
         assert live.returncode == 0, err
         assert b"Traceback" not in err
         assert watched.settings.worker.node.encode() in out
+
+    def test_q_on_a_terminal_quits_and_restores_it(self, watched: LocalFleet) -> None:
+        """On a terminal, q ends the view with 0 and echo is back afterwards."""
+        controller, terminal = pty.openpty()
+        before = termios.tcgetattr(terminal)
+        args = ["top", "--interval-s", "0.2", "--url", watched.url]
+        live = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args],
+            stdin=terminal,
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            env={**operator_env(watched), "TERM": "xterm", "COLUMNS": "100"},
+            cwd=REPO,
+        )
+        try:
+            shown = read_until(controller, watched.settings.worker.node.encode())
+            os.write(controller, b"q")
+            # The view writes on: reading on keeps it from blocking on a full
+            # terminal before it sees the key.
+            drain_until_exit(controller, live)
+            after = termios.tcgetattr(terminal)
+        finally:
+            live.kill()
+            _, err = live.communicate(timeout=10)
+            os.close(controller)
+            os.close(terminal)
+
+        assert watched.settings.worker.node.encode() in shown
+        assert live.returncode == 0, err
+        assert b"Traceback" not in err
+        assert after[3] & termios.ECHO
+        assert after == before
 
     def test_a_wrong_operator_key_is_one_line_and_exit_2(
         self, watched: LocalFleet
