@@ -24,7 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from scheduler.client import FleetClient
+from scheduler.client import ApiError, FleetClient
 
 # Wide enough to read a fraction at a glance, narrow enough for 80 columns.
 BAR_WIDTH = 12
@@ -258,14 +258,14 @@ async def watch(
     """Refresh the view in place every ``interval_s`` until ``q`` or Ctrl-C.
 
     The first read's errors reach the caller, so a wrong URL or key stops
-    at once; a later failure to reach the scheduler is shown above the
-    last frame and retried at the next tick.
+    at once; a later failure to reach the scheduler (or a 5xx from it) is
+    shown above the last frame and retried at the next tick.
 
     Raises:
         scheduler.client.ApiError: the scheduler refused the call.
         httpx.HTTPError: the first read did not reach the scheduler.
     """
-    view = await client.fleet(sessions_limit=sessions_limit)
+    view: Snapshot = await client.fleet(sessions_limit=sessions_limit)
     # Keys are read from before the first frame, so a q typed as soon as
     # the view shows is not lost in the switch of terminal modes.
     with (
@@ -273,12 +273,27 @@ async def watch(
         Live(render(view), console=console, auto_refresh=False) as live,
     ):
         while not await _wait(quit_pressed, interval_s):
-            notice = None
-            try:
-                view = await client.fleet(sessions_limit=sessions_limit)
-            except httpx.HTTPError as exc:
-                notice = f"cannot reach {client.base_url}: {exc}; retrying"
+            view, notice = await _refresh(client, view, sessions_limit)
             live.update(render(view, notice=notice), refresh=True)
+
+
+async def _refresh(
+    client: FleetClient, last: Snapshot, sessions_limit: int
+) -> tuple[Snapshot, str | None]:
+    """Return a new answer, or the last one with why it could not be read.
+
+    A scheduler restarting or its Redis briefly gone should not end an
+    operator's watch; a refused key should, and propagates.
+    """
+    try:
+        return await client.fleet(sessions_limit=sessions_limit), None
+    except httpx.HTTPError as exc:
+        reason = str(exc) or type(exc).__name__
+        return last, f"cannot reach {client.base_url}: {reason}; retrying"
+    except ApiError as exc:
+        if exc.status < 500:
+            raise
+        return last, f"{client.base_url} answered {exc}; retrying"
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
@@ -305,8 +320,12 @@ def _quit_key() -> Iterator[asyncio.Event]:
     loop = asyncio.get_running_loop()
 
     def read_key() -> None:
-        if os.read(fd, 1) in (b"q", b"Q"):
+        key = os.read(fd, 1)
+        if key in (b"q", b"Q"):
             pressed.set()
+        elif not key:
+            # The terminal hung up: it would be readable forever.
+            loop.remove_reader(fd)
 
     # TCSANOW: the default TCSAFLUSH would drop keys typed before this.
     tty.setcbreak(fd, termios.TCSANOW)

@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from rich.console import Console
 
-from scheduler.client import FleetClient
-from scheduler.top import BAR_WIDTH, render
+from scheduler.client import ApiError, FleetClient
+from scheduler.top import BAR_WIDTH, render, watch
 from shared.localfleet import REPO, LocalFleet, local_fleet
 from tests.cli import cli
 from tests.sandboxes import busybox_profile
@@ -265,6 +266,81 @@ class TestAges:
         view = snapshot(node(), depth=1, oldest_wait_ms=ms)
 
         assert f"oldest waiting {shown}" in frame(view)
+
+
+class Stop(Exception):
+    """Ends a watch from inside the stub, as q would."""
+
+
+class StubClient:
+    """Answers ``fleet`` from a script: a snapshot, or an exception to raise."""
+
+    base_url = "http://fleet.test"
+
+    def __init__(self, *answers: dict[str, Any] | Exception) -> None:
+        self.answers = list(answers)
+
+    async def fleet(self, *, sessions_limit: int) -> dict[str, Any]:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class TestWatch:
+    async def watch(self, client: StubClient) -> str:
+        out = io.StringIO()
+        console = Console(file=out, width=100, color_system=None)
+        with pytest.raises(Stop):
+            await watch(
+                client,  # type: ignore[arg-type]
+                interval_s=0.01,
+                sessions_limit=20,
+                console=console,
+            )
+        return out.getvalue()
+
+    async def test_a_lost_scheduler_is_shown_over_the_last_frame(self) -> None:
+        """A refresh that cannot connect keeps the last frame and says why."""
+        client = StubClient(
+            snapshot(node("node-a")),
+            httpx.ConnectError("connection refused"),
+            Stop(),
+        )
+
+        text = await self.watch(client)
+
+        assert "cannot reach http://fleet.test: connection refused; retrying" in text
+        assert "node-a" in text
+
+    async def test_a_scheduler_error_is_retried_and_a_refusal_ends_it(self) -> None:
+        """A 503 becomes a notice; a 401 afterwards ends the watch."""
+        client = StubClient(
+            snapshot(node("node-a")),
+            ApiError(503, "unavailable", "Redis is unreachable"),
+            snapshot(node("node-b")),
+            ApiError(401, "operator_required", "no"),
+        )
+
+        with pytest.raises(ApiError) as refused:
+            await watch(
+                client,  # type: ignore[arg-type]
+                interval_s=0.01,
+                sessions_limit=20,
+                console=Console(file=io.StringIO(), color_system=None),
+            )
+
+        assert refused.value.status == 401
+        assert client.answers == []
+
+    async def test_refreshes_show_the_newest_answer(self) -> None:
+        """Each tick renders what the scheduler answered last."""
+        client = StubClient(snapshot(node("node-a")), snapshot(node("node-b")), Stop())
+
+        text = await self.watch(client)
+
+        assert "node-b" in text
+        assert "cannot reach" not in text
 
 
 # The top tests' own fleet: a pool to watch fill, sessions that wait, and
