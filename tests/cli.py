@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import IO
 
 from shared.localfleet import REPO
 
 
 def cli(
-    *args: str, env: dict[str, str], stdin: object = subprocess.DEVNULL
+    *args: str, env: dict[str, str], stdin: int | IO[bytes] = subprocess.DEVNULL
 ) -> subprocess.CompletedProcess[bytes]:
     """Run ``acp-fleet`` with ``args`` in ``env``."""
     return subprocess.run(

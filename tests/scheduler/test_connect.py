@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.cli import cli
 
 
 def connect(
-    fleet: LocalFleet, stdin: object, *args: str
+    fleet: LocalFleet, stdin: int | IO[bytes], *args: str
 ) -> subprocess.CompletedProcess[bytes]:
     """Run connect against ``fleet`` with acme's key."""
     env = {**os.environ, "ACP_FLEET_API_KEY": fleet.api_keys["acme"]}
