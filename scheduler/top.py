@@ -248,6 +248,35 @@ def _age(ms: int) -> str:
     return f"{secs}s"
 
 
+async def top(
+    url: str,
+    operator_key: str,
+    *,
+    once: bool,
+    interval_s: float,
+    sessions_limit: int,
+) -> None:
+    """Show the fleet at ``url`` on stdout: one frame, or live until quit.
+
+    Raises:
+        scheduler.client.ApiError: the scheduler refused the key.
+        httpx.HTTPError: the scheduler could not be reached.
+    """
+    console = Console()
+    # A scheduler that does not answer within a few refreshes is reported
+    # rather than waited for.
+    async with FleetClient(url, operator_key, timeout_s=5) as client:
+        if once:
+            console.print(render(await client.fleet(sessions_limit=sessions_limit)))
+            return
+        await watch(
+            client,
+            interval_s=interval_s,
+            sessions_limit=sessions_limit,
+            console=console,
+        )
+
+
 async def watch(
     client: FleetClient,
     *,

@@ -400,34 +400,24 @@ def _run_nodes(args: argparse.Namespace) -> int:
 
 def _run_top(args: argparse.Namespace) -> int:
     import httpx
-    from rich.console import Console
 
-    from scheduler.client import ApiError, FleetClient
-    from scheduler.top import render, watch
+    from scheduler.client import ApiError
+    from scheduler.top import top
 
     key = os.environ.get("ACP_FLEET_OPERATOR_KEY")
     if not key:
         _complain("set ACP_FLEET_OPERATOR_KEY to an operator key")
         return 2
-    sessions_limit = max(0, min(args.sessions, 1000))
-
-    async def run() -> None:
-        # A scheduler that does not answer within a few refreshes is
-        # reported rather than waited for.
-        async with FleetClient(args.url, key, timeout_s=5) as client:
-            if args.once:
-                view = await client.fleet(sessions_limit=sessions_limit)
-                Console().print(render(view))
-                return
-            await watch(
-                client,
-                interval_s=args.interval_s,
-                sessions_limit=sessions_limit,
-                console=Console(),
-            )
-
     try:
-        asyncio.run(run())
+        asyncio.run(
+            top(
+                args.url,
+                key,
+                once=args.once,
+                interval_s=args.interval_s,
+                sessions_limit=max(0, min(args.sessions, 1000)),
+            )
+        )
     except ApiError as exc:
         _complain(f"top: {exc}")
         return 2
