@@ -170,6 +170,7 @@ def _add_top_command(commands: Any) -> None:
         "--interval-s",
         type=_positive_seconds,
         default=1.0,
+        metavar="SECONDS",
         help="seconds between refreshes (default: %(default)s)",
     )
     top.add_argument("--once", action="store_true", help="print one frame and exit")
