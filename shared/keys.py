@@ -199,9 +199,14 @@ return {'ok', now}
     .replace("{audit_max}", str(AUDIT_MAX_EVENTS))
 )
 
-# KEYS: session, lease, queued, org_slots, fence, session_env, running
+# The claimed session's job also leaves arq's queue: arq keeps a running
+# job there and checks it again on every poll (four round trips, 200 times
+# a second at a 5 ms poll delay, for each running session). The lease, not
+# arq, decides what happens to the session if this worker dies.
+# KEYS: session, lease, queued, org_slots, fence, session_env, running,
+#       job_queue
 # ARGV: session_id, node, lease_ms
-# Returns {"ok", lease_token, env_flat} or {"refused", state}.
+# Returns {"ok", lease_token, env_flat, record_flat} or {"refused", state}.
 CLAIM = (
     _NOW
     + _EXPIRE_AT_LAST
@@ -217,9 +222,10 @@ redis.call('ZREM', KEYS[3], sid)
 redis.call('ZADD', KEYS[4], now + lease_ms, sid)
 expire_at_last(KEYS[4])
 redis.call('ZADD', KEYS[7], now + lease_ms, sid)
+redis.call('ZREM', KEYS[8], sid)
 local env = redis.call('HGETALL', KEYS[6])
 redis.call('DEL', KEYS[6])
-return {'ok', token, env}
+return {'ok', token, env, redis.call('HGETALL', KEYS[1])}
 """
 )
 

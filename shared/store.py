@@ -204,20 +204,19 @@ class SessionStore:
                 k.fence,
                 k.session_env(session_id),
                 k.running,
+                k.arq_queue,
             ],
             args=[session_id, node, lease_ms],
         )
         if _text(reply[0]) != "ok":
             return None
-        flat = [_text(item) for item in reply[2]]
-        record = await self.record(session_id) or {}
 
         return Claim(
             session_id=session_id,
             org=org,
             token=_text(reply[1]),
-            record=record,
-            env=dict(zip(flat[::2], flat[1::2], strict=True)),
+            record=_pairs(reply[3]),
+            env=_pairs(reply[2]),
         )
 
     async def renew(self, claim: Claim, lease_ms: int) -> Renewal:
@@ -633,6 +632,12 @@ class SessionStore:
         await self.redis.aclose()
         if self.blocking is not self.redis:
             await self.blocking.aclose()
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    """A Redis reply of alternating names and values, as a dict."""
+    items = [_text(item) for item in flat]
+    return dict(zip(items[::2], items[1::2], strict=True))
 
 
 def _flat(pairs: Mapping[str, str]) -> list[str]:

@@ -226,6 +226,20 @@ class TestClaim:
         assert await store.redis.get(KEYS.lease("s1")) == b"node-1/1"
         assert await store.redis.zrange(KEYS.queued, 0, -1) == []
 
+    async def test_claim_takes_the_job_out_of_arqs_queue(
+        self, store: SessionStore
+    ) -> None:
+        """A claimed session's job leaves the queue arq polls; others stay."""
+        for session_id in ("s1", "s2"):
+            job = QueuedJob(
+                key=f"arq:job:{session_id}", payload=b"job", score_ms=1, ttl_ms=9000
+            )
+            await admit(store, session_id, job=job)
+
+        await store.claim("s1", node="node-1", lease_ms=LEASE_MS)
+
+        assert await store.redis.zrange(KEYS.arq_queue, 0, -1) == [b"s2"]
+
     async def test_claim_without_env(self, store: SessionStore) -> None:
         """A session with no env is claimed with an empty env."""
         await admit(store, "s1")
