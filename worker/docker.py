@@ -21,6 +21,7 @@ import aiohttp
 
 from shared.errors import SandboxError
 from shared.settings import AgentProfile, Limits
+from shared.telemetry import worker_metrics
 from shared.tracing import traced
 
 LABEL_FLEET = "io.acp-fleet.fleet"
@@ -34,6 +35,8 @@ NPROC_BACKSTOP = 65_536
 _READ_BYTES = 256 * 1024
 # Where an operator's CA bundle appears inside an egress sandbox.
 CA_BUNDLE_PATH = "/etc/acp-fleet/ca.pem"
+# Kinds of Engine errors for the error counter: a handful, not statuses.
+_STATUS_KINDS = {403: "permission_denied", 404: "not_found", 409: "conflict"}
 
 
 def seccomp_profile() -> str:
@@ -314,6 +317,7 @@ class DockerRuntime:
             writer.write(request.encode())
             head = await reader.readuntil(b"\r\n\r\n")
         except (OSError, asyncio.IncompleteReadError) as exc:
+            _count_error(exc)
             raise SandboxError(
                 f"attach to {container_id} failed: {exc}", container_id=container_id
             ) from exc
@@ -477,15 +481,34 @@ class DockerRuntime:
         try:
             return await awaitable
         except aiodocker.DockerError as exc:
+            _count_error(exc)
             message = exc.message if isinstance(exc.message, str) else str(exc)
             raise SandboxError(
                 message, status=exc.status, container_id=container_id
             ) from exc
         except aiohttp.ClientError as exc:
+            _count_error(exc)
             raise SandboxError(
                 f"Docker Engine unreachable at {self.url}: {exc}",
                 container_id=container_id,
             ) from exc
+
+
+def error_kind(exc: BaseException) -> str:
+    """Name what went wrong with an Engine call in a word an alert can use."""
+    if isinstance(exc, aiodocker.DockerError):
+        status = int(exc.status)
+        return _STATUS_KINDS.get(status, "engine" if status >= 500 else "refused")
+    # aiohttp keeps the socket's own error: EACCES on the Engine's socket is
+    # a worker running without access to it, not an Engine that is down.
+    cause = getattr(exc, "os_error", exc)
+    if isinstance(cause, PermissionError):
+        return "permission_denied"
+    return "unreachable"
+
+
+def _count_error(exc: BaseException) -> None:
+    worker_metrics().docker_errors.add(1, {"kind": error_kind(exc)})
 
 
 def _gateway(name: str, details: Mapping[str, Any]) -> str:
