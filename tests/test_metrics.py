@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,6 +41,28 @@ BACKLOG_BYTES = 64 * 1024
 PHASES = ("queue_wait", "claim", "sandbox_ready", "first_byte")
 STARTUP = "fleet_session_startup_duration_seconds_count"
 ENDS = "fleet_session_ends_total"
+# Opens a DockerRuntime on the socket named by argv[1], as a worker does at
+# start, and prints this process' metrics.
+OPEN_DOCKER = """
+import asyncio, sys
+from prometheus_client import generate_latest
+from shared.errors import SandboxError
+from shared.telemetry import configure_metrics
+from worker.docker import DockerRuntime
+
+async def main():
+    runtime = DockerRuntime("unix://" + sys.argv[1])
+    try:
+        await runtime.open()
+    except SandboxError:
+        pass
+    await runtime.close()
+
+configure_metrics("probe")
+asyncio.run(main())
+print(generate_latest().decode())
+"""
+NOBODY = 65534
 
 
 @pytest.fixture(scope="module")
@@ -435,6 +462,39 @@ class TestDockerMetrics:
         assert ran.view["cause"] == "start_failed"
         assert scrapes.delta("fleet_docker_errors_total") == 1
         assert scrapes.delta("fleet_docker_errors_total", kind="refused") == 1
+
+
+class TestDockerErrorKinds:
+    def test_a_socket_the_worker_may_not_open_counts_as_permission_denied(
+        self, tmp_path: Path
+    ) -> None:
+        """A worker refused by the Engine socket's mode counts one
+        permission_denied error, not an unreachable Engine."""
+        path = tmp_path / "docker.sock"
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.listen()
+        os.chown(path, NOBODY, NOBODY)
+        path.chmod(0o600)
+        # Root ignores a socket's mode; without these capabilities it obeys.
+        drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+
+        probe = subprocess.run(
+            [*drop, sys.executable, "-c", OPEN_DOCKER, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        )
+        listener.close()
+
+        samples: Samples = {}
+        for family in text_string_to_metric_families(probe.stdout):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        errors = "fleet_docker_errors_total"
+        assert value(samples, errors, kind="permission_denied") == 1
+        assert value(samples, errors) == 1
 
 
 class TestMetrics:

@@ -37,6 +37,7 @@ _READ_BYTES = 256 * 1024
 CA_BUNDLE_PATH = "/etc/acp-fleet/ca.pem"
 # Kinds of Engine errors for the error counter: a handful, not statuses.
 _STATUS_KINDS = {403: "permission_denied", 404: "not_found", 409: "conflict"}
+_NOT_CONNECTED = 900
 
 
 def seccomp_profile() -> str:
@@ -496,15 +497,27 @@ class DockerRuntime:
 
 def error_kind(exc: BaseException) -> str:
     """Name what went wrong with an Engine call in a word an alert can use."""
-    if isinstance(exc, aiodocker.DockerError):
+    if any(isinstance(cause, PermissionError) for cause in _causes(exc)):
+        # EACCES on the Engine's socket: the worker may not use it, which
+        # is a deployment error, not an Engine that is down.
+        return "permission_denied"
+    # aiodocker reports a connection that failed as status 900.
+    if isinstance(exc, aiodocker.DockerError) and exc.status != _NOT_CONNECTED:
         status = int(exc.status)
         return _STATUS_KINDS.get(status, "engine" if status >= 500 else "refused")
-    # aiohttp keeps the socket's own error: EACCES on the Engine's socket is
-    # a worker running without access to it, not an Engine that is down.
-    cause = getattr(exc, "os_error", exc)
-    if isinstance(cause, PermissionError):
-        return "permission_denied"
     return "unreachable"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, what it was raised from, and aiohttp's socket error in each."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        if isinstance(os_error := getattr(link, "os_error", None), OSError):
+            chain.append(os_error)
+        link = link.__cause__ or link.__context__
+    return chain
 
 
 def _count_error(exc: BaseException) -> None:
