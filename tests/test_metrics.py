@@ -383,6 +383,21 @@ class TestPoolMetrics:
             await client.cancel(created["id"])
         await wait_ended(metered, created["id"])
 
+    async def test_a_claim_on_an_empty_pool_is_a_miss_and_starts_cold(
+        self, metered: LocalFleet
+    ) -> None:
+        """A session of the pool that never fills is one miss and one cold
+        start, and no hit."""
+        scrapes = Scrapes(metered)
+
+        ran = await run_session(metered, "nosh")
+
+        assert ran.view["cause"] == "agent_exit"
+        claims = "fleet_pool_claims_total"
+        assert scrapes.delta(claims, pool="nosh", outcome="miss") == 1
+        assert scrapes.delta(claims, pool="nosh", outcome="hit") == 0
+        assert scrapes.delta("fleet_session_starts_total", start="cold") == 1
+
 
 class TestNodeMetrics:
     async def test_sessions_running_are_counted_by_org_and_node(
