@@ -28,7 +28,7 @@ from worker.docker import DockerRuntime, seccomp_profile
 from worker.egress import start_egress, stop_egress
 from worker.pool import WarmPool
 from worker.reconcile import Reconciler
-from worker.session import Images, SessionRunner
+from worker.session import Images, SessionRun, SessionRunner
 from worker.workspace import Workspace
 
 log = structlog.get_logger("worker")
@@ -132,7 +132,12 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
 
 
 def _watch_gauges(runner: SessionRunner, node: str) -> None:
-    """Let the worker's gauges read the runner's pools, runs and workspaces."""
+    """Let the worker's gauges read the runner's pools, runs and workspaces.
+
+    Scrapes run in prometheus_client's server thread while the event loop
+    changes the runs and the pools: each reading first copies what it
+    iterates, with ``list``, which takes the copy without a thread switch.
+    """
     gauges = worker_metrics().gauges
     on_node = {"node": node}
     gauges.watch(
@@ -141,7 +146,7 @@ def _watch_gauges(runner: SessionRunner, node: str) -> None:
     )
     gauges.watch(
         "backlog",
-        lambda: [(sum(r.backlog_bytes for r in runner.active.values()), on_node)],
+        lambda: [(sum(r.backlog_bytes for r in _runs(runner)), on_node)],
     )
     gauges.watch(
         "workspace_used",
@@ -155,14 +160,18 @@ def _watch_gauges(runner: SessionRunner, node: str) -> None:
 
 def _disk_bytes(runner: SessionRunner, measure: Callable[[Workspace], int]) -> int:
     """Sum ``measure`` over the workspaces of runs and waiting pool members."""
-    workspaces = [r.workspace for r in runner.active.values() if r.workspace]
-    workspaces += [m.workspace for p in runner.pools.values() for m in p.ready]
+    workspaces = [r.workspace for r in _runs(runner) if r.workspace]
+    workspaces += [m.workspace for p in runner.pools.values() for m in list(p.ready)]
     total = 0
     for workspace in workspaces:
         # A workspace can be unmounted between the listing and the look.
         with contextlib.suppress(OSError):
             total += measure(workspace)
     return total
+
+
+def _runs(runner: SessionRunner) -> list[SessionRun]:
+    return list(runner.active.values())
 
 
 def host_has_apparmor() -> bool:
