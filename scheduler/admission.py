@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 
 import structlog
@@ -22,7 +23,7 @@ from shared.errors import AdmissionRefused, InvalidRequest
 from shared.models import CreateSession, SessionCreated, SessionState
 from shared.settings import AgentProfile, FleetSettings
 from shared.store import QueuedJob, Quota, SessionStore
-from shared.telemetry import scheduler_metrics
+from shared.telemetry import scheduler_metrics, shared_metrics
 from shared.tracing import admission_span
 
 log = structlog.get_logger("scheduler.admission")
@@ -85,6 +86,7 @@ class Admission:
         remote: str,
         trace_fields: dict[str, str],
     ) -> SessionCreated:
+        started = time.perf_counter()
         profile = self._profile(request.profile)
         _check_env(profile, request.env)
         limits = _narrow(profile, request)
@@ -98,7 +100,7 @@ class Admission:
             job=None if request.workspace.upload else self._job(session_id),
         )
         outcome = "admitted" if admission.admitted else admission.reason or "refused"
-        scheduler_metrics().admissions.add(1, {"outcome": outcome})
+        scheduler_metrics().admissions.add(1, {"outcome": outcome, "org": org})
         if not admission.admitted:
             reason = admission.reason or "refused"
             log.info("session.refused", org=org, reason=reason)
@@ -107,6 +109,13 @@ class Admission:
                 _REFUSALS.get(reason, "Admission refused."),
                 retry_after_s=max(1, math.ceil(admission.retry_after_ms / 1000)),
             )
+        # Only the scheduler sees this phase end; the worker may claim the
+        # session before the script's reply is back, so the phase cannot
+        # wait for the warm-or-cold label the worker's phases carry.
+        shared_metrics().startup.record(
+            time.perf_counter() - started,
+            {"phase": "admission", "profile": request.profile},
+        )
         token, expires_ms = self.auth.mint(session_id, org)
         log.info(
             "session.admitted", session_id=session_id, org=org, profile=request.profile

@@ -30,6 +30,7 @@ from scheduler.gateway import (
     CLOSE_UNAUTHORIZED,
     relay,
 )
+from scheduler.heartbeats import HeartbeatAges, watch_forever
 from scheduler.limits import BodyLimit
 from scheduler.workspace import check_archive, read_body
 from shared.errors import (
@@ -62,7 +63,7 @@ from shared.models import (
 )
 from shared.settings import FleetSettings
 from shared.store import SessionStore
-from shared.telemetry import configure_metrics
+from shared.telemetry import configure_metrics, scheduler_metrics
 from shared.tracing import configure_tracing, shutdown_tracing
 from shared.wire import parse_cursor
 
@@ -120,6 +121,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
         blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
         app.state.fleet = Fleet(settings, arq, blocking)
         sweeper = asyncio.create_task(_sweep_lapsed(app.state.fleet))
+        watcher = asyncio.create_task(_watch_heartbeats(app.state.fleet))
         log.info(
             "scheduler.started",
             host=settings.scheduler.host,
@@ -130,9 +132,10 @@ def create_app(settings: FleetSettings) -> FastAPI:
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await arq.aclose()
             await blocking.aclose()
             shutdown_tracing()
@@ -219,6 +222,14 @@ async def _sweep_lapsed(fleet: Fleet) -> None:
             await fleet.store.end_stale_queued(max_wait_ms)
         except RedisError:
             log.warning("sweep.failed", exc_info=True)
+
+
+async def _watch_heartbeats(fleet: Fleet) -> None:
+    """Keep the heartbeat-age gauge as fresh as the workers' heartbeats."""
+    ages = HeartbeatAges()
+    scheduler_metrics().gauges.watch("heartbeat_age", ages.reading)
+    interval_s = fleet.settings.worker.heartbeat_ms / 1000
+    await watch_forever(fleet.store, ages, interval_s=interval_s)
 
 
 async def _fleet(request: Request) -> Fleet:

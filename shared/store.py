@@ -39,6 +39,7 @@ from shared.keys import (
     Keys,
 )
 from shared.models import EndCause, Outcome
+from shared.telemetry import shared_metrics
 
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
@@ -362,6 +363,10 @@ class SessionStore:
                 *flat,
             ],
         )
+        # Counted here, where the script decides, so that each session's
+        # end is counted once by whichever process recorded it.
+        if ended:
+            shared_metrics().ends.add(1, {"cause": outcome.cause.value})
         return bool(ended)
 
     async def write_stdin(

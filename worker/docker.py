@@ -21,6 +21,7 @@ import aiohttp
 
 from shared.errors import SandboxError
 from shared.settings import AgentProfile, Limits
+from shared.telemetry import worker_metrics
 from shared.tracing import traced
 
 LABEL_FLEET = "io.acp-fleet.fleet"
@@ -34,6 +35,9 @@ NPROC_BACKSTOP = 65_536
 _READ_BYTES = 256 * 1024
 # Where an operator's CA bundle appears inside an egress sandbox.
 CA_BUNDLE_PATH = "/etc/acp-fleet/ca.pem"
+# Kinds of Engine errors for the error counter: a handful, not statuses.
+_STATUS_KINDS = {403: "permission_denied", 404: "not_found", 409: "conflict"}
+_NOT_CONNECTED = 900
 
 
 def seccomp_profile() -> str:
@@ -314,6 +318,7 @@ class DockerRuntime:
             writer.write(request.encode())
             head = await reader.readuntil(b"\r\n\r\n")
         except (OSError, asyncio.IncompleteReadError) as exc:
+            _count_error(exc)
             raise SandboxError(
                 f"attach to {container_id} failed: {exc}", container_id=container_id
             ) from exc
@@ -477,15 +482,46 @@ class DockerRuntime:
         try:
             return await awaitable
         except aiodocker.DockerError as exc:
+            _count_error(exc)
             message = exc.message if isinstance(exc.message, str) else str(exc)
             raise SandboxError(
                 message, status=exc.status, container_id=container_id
             ) from exc
         except aiohttp.ClientError as exc:
+            _count_error(exc)
             raise SandboxError(
                 f"Docker Engine unreachable at {self.url}: {exc}",
                 container_id=container_id,
             ) from exc
+
+
+def error_kind(exc: BaseException) -> str:
+    """Name what went wrong with an Engine call in a word an alert can use."""
+    if any(isinstance(cause, PermissionError) for cause in _causes(exc)):
+        # EACCES on the Engine's socket: the worker may not use it, which
+        # is a deployment error, not an Engine that is down.
+        return "permission_denied"
+    # aiodocker reports a connection that failed as status 900.
+    if isinstance(exc, aiodocker.DockerError) and exc.status != _NOT_CONNECTED:
+        status = int(exc.status)
+        return _STATUS_KINDS.get(status, "engine" if status >= 500 else "refused")
+    return "unreachable"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, what it was raised from, and aiohttp's socket error in each."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        if isinstance(os_error := getattr(link, "os_error", None), OSError):
+            chain.append(os_error)
+        link = link.__cause__ or link.__context__
+    return chain
+
+
+def _count_error(exc: BaseException) -> None:
+    worker_metrics().docker_errors.add(1, {"kind": error_kind(exc)})
 
 
 def _gateway(name: str, details: Mapping[str, Any]) -> str:

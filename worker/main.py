@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,14 @@ from shared.logs import configure_logging
 from shared.models import EgressRecord
 from shared.settings import FleetSettings
 from shared.store import SessionStore
-from shared.telemetry import configure_metrics
+from shared.telemetry import configure_metrics, worker_metrics
 from shared.tracing import configure_tracing, shutdown_tracing
 from worker.docker import DockerRuntime, seccomp_profile
 from worker.egress import start_egress, stop_egress
 from worker.pool import WarmPool
 from worker.reconcile import Reconciler
-from worker.session import Images, SessionRunner
+from worker.session import Images, SessionRun, SessionRunner
+from worker.workspace import Workspace
 
 log = structlog.get_logger("worker")
 
@@ -116,6 +118,7 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
     )
     await reconciler.run_once()
     _start_pools(runner, settings)
+    _watch_gauges(runner, settings.worker.node)
     ctx.update(runtime=runtime, blocking=blocking, runner=runner)
     ctx["reconcile_task"] = asyncio.create_task(
         _reconcile_forever(reconciler, settings), name="reconcile"
@@ -126,6 +129,49 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
         max_sessions=settings.worker.max_sessions,
         profiles=sorted(images.refs),
     )
+
+
+def _watch_gauges(runner: SessionRunner, node: str) -> None:
+    """Let the worker's gauges read the runner's pools, runs and workspaces.
+
+    Scrapes run in prometheus_client's server thread while the event loop
+    changes the runs and the pools: each reading first copies what it
+    iterates, with ``list``, which takes the copy without a thread switch.
+    """
+    gauges = worker_metrics().gauges
+    on_node = {"node": node}
+    gauges.watch(
+        "pool_size",
+        lambda: [(len(p.ready), {"pool": n}) for n, p in runner.pools.items()],
+    )
+    gauges.watch(
+        "backlog",
+        lambda: [(sum(r.backlog_bytes for r in _runs(runner)), on_node)],
+    )
+    gauges.watch(
+        "workspace_used",
+        lambda: [(_disk_bytes(runner, Workspace.used_bytes), on_node)],
+    )
+    gauges.watch(
+        "workspace_capacity",
+        lambda: [(_disk_bytes(runner, Workspace.capacity_bytes), on_node)],
+    )
+
+
+def _disk_bytes(runner: SessionRunner, measure: Callable[[Workspace], int]) -> int:
+    """Sum ``measure`` over the workspaces of runs and waiting pool members."""
+    workspaces = [r.workspace for r in _runs(runner) if r.workspace]
+    workspaces += [m.workspace for p in runner.pools.values() for m in list(p.ready)]
+    total = 0
+    for workspace in workspaces:
+        # A workspace can be unmounted between the listing and the look.
+        with contextlib.suppress(OSError):
+            total += measure(workspace)
+    return total
+
+
+def _runs(runner: SessionRunner) -> list[SessionRun]:
+    return list(runner.active.values())
 
 
 def host_has_apparmor() -> bool:

@@ -24,7 +24,7 @@ from shared.keys import RETENTION_MS
 from shared.models import EndCause, Outcome
 from shared.settings import AgentProfile, FleetSettings
 from shared.store import Claim, Renewal, SessionStore
-from shared.telemetry import worker_metrics
+from shared.telemetry import shared_metrics, worker_metrics
 from shared.tracing import SessionTrace, annotate, traced
 from worker.acp import AcpGuard
 from worker.docker import (
@@ -96,14 +96,16 @@ class SessionRunner:
         node = self.settings.worker.node
         with structlog.contextvars.bound_contextvars(session_id=session_id, node=node):
             claim_started_ns = time.time_ns()
+            asked_at = time.monotonic()
             claim = await self.store.claim(
                 session_id, node=node, lease_ms=self.settings.worker.lease_ms
             )
             if claim is None:
                 log.debug("session.claim_refused")
                 return "refused"
+            claim_s = time.monotonic() - asked_at
             trace = self._trace(claim, claim_started_ns)
-            run = SessionRun(self, claim, trace)
+            run = SessionRun(self, claim, trace, claim_s=claim_s)
             self.active[session_id] = run
             self._idle.clear()
             try:
@@ -170,7 +172,12 @@ class SessionRun:
     """The life of one claimed session on this worker."""
 
     def __init__(
-        self, runner: SessionRunner, claim: Claim, trace: SessionTrace
+        self,
+        runner: SessionRunner,
+        claim: Claim,
+        trace: SessionTrace,
+        *,
+        claim_s: float = 0.0,
     ) -> None:
         self.runner = runner
         self.claim = claim
@@ -195,8 +202,11 @@ class SessionRun:
         self._start_kind = "cold"
         self._claimed_at = time.monotonic()
         self._ready_at = self._claimed_at
+        self._claim_s = claim_s
+        self._created_at: float | None = None
         self._phase_ms: dict[str, int] = {}
         self._formatting: asyncio.Task[None] | None = None
+        self.backlog_bytes = 0
         # The proxy variables of an egress session; its credentials live in
         # the proxy from the spec until cleanup.
         self._proxy_env: dict[str, str] = {}
@@ -375,6 +385,7 @@ class SessionRun:
 
     async def _start_warm(self, member: Member) -> None:
         self.container_id, self.stdio = member.container_id, member.stdio
+        self._created_at = member.born
         digest = self.runner.images.digests.get(self.profile_name, "")
         structlog.contextvars.bind_contextvars(
             container_id=self.container_id[:12], image_digest=digest
@@ -395,12 +406,23 @@ class SessionRun:
             {**fields, "start": start, "state": "running", "sandbox_ready_ms": "now"}
         )
         METRICS.starts.add(1, {"start": start, "profile": self.profile_name})
-        METRICS.running.add(1)
+        METRICS.running.add(1, self._running_attributes())
         await self._audit_start(start)
+        self._record_phases()
+
+    def _record_phases(self) -> None:
+        """Time each start-up phase before the agent's first byte."""
         record = self.claim.record
         queue_s = (int(record["claimed_ms"]) - int(record["admitted_ms"])) / 1000
-        self._phase("queue", queue_s)
-        self._phase("sandbox", self._ready_at - self._claimed_at)
+        self._phase("queue_wait", queue_s)
+        self._phase("claim", self._claim_s)
+        self._phase("sandbox_ready", self._ready_at - self._claimed_at)
+        METRICS.queue_wait.record(
+            queue_s, {"profile": self.profile_name, "start": self._start_kind}
+        )
+
+    def _running_attributes(self) -> dict[str, str]:
+        return {"org": self.claim.org, "node": self.settings.worker.node}
 
     async def _audit_start(self, start: str) -> None:
         profile, limits = self.profile, self.limits
@@ -425,7 +447,7 @@ class SessionRun:
     def _phase(self, phase: str, seconds: float) -> None:
         self._phase_ms[f"{phase}_ms"] = round(seconds * 1000)
         attributes = {"phase": phase, "start": self._start_kind}
-        METRICS.startup.record(seconds, attributes)
+        shared_metrics().startup.record(seconds, attributes)
 
     async def _create(self, spec: SandboxSpec) -> None:
         assert self.workspace is not None
@@ -444,6 +466,7 @@ class SessionRun:
         )
         name = f"{self.settings.fleet}-{self.session_id}"
         self.container_id = await self.runtime.create(config, name=name)
+        self._created_at = time.monotonic()
         digest = self.runner.images.digests.get(self.profile_name, "")
         structlog.contextvars.bind_contextvars(
             container_id=self.container_id[:12], image_digest=digest
@@ -521,9 +544,11 @@ class SessionRun:
         except LeaseLost:
             self._lose_lease()
             return
+        self.backlog_bytes = backlog
         await self._wait_for_client(backlog)
         for name, data in entries:
             METRICS.relayed_bytes.add(len(data), _OUT_ATTRIBUTES[name])
+            METRICS.relayed_messages.add(_messages(name, data), _OUT_ATTRIBUTES[name])
         if not self._first_byte and any(name == b"o" for name, _ in entries):
             self._first_byte = True
             self._phase("first_byte", time.monotonic() - self._ready_at)
@@ -541,6 +566,7 @@ class SessionRun:
         if backlog_bytes <= bound or self._stop_cause is not None:
             return
         log.info("session.slow_client", backlog_bytes=backlog_bytes)
+        METRICS.slow_clients.add(1)
         notice = [(b"slow", str(backlog_bytes).encode())]
         await self.store.append(self.claim, notice, RETENTION_MS)
         # Resume at half the bound, so a client reading steadily does not
@@ -548,6 +574,7 @@ class SessionRun:
         while backlog_bytes > bound // 2 and self._stop_cause is None:
             await asyncio.sleep(0.05)
             backlog_bytes = await self.store.backlog(self.session_id)
+            self.backlog_bytes = backlog_bytes
         log.info("session.client_caught_up", backlog_bytes=backlog_bytes)
 
     async def _pump_in(self) -> None:
@@ -580,6 +607,7 @@ class SessionRun:
                 await self._write(guard.feed(data) if guard else data)
                 consumed += len(data)
                 METRICS.relayed_bytes.add(len(data), _IN_ATTRIBUTES)
+                METRICS.relayed_messages.add(data.count(b"\n"), _IN_ATTRIBUTES)
             await self.store.consumed_stdin(self.session_id, cursor, consumed)
 
     async def _write(self, data: bytes) -> None:
@@ -730,9 +758,9 @@ class SessionRun:
     @traced("removal")
     async def _cleanup(self, outcome: Outcome) -> None:
         annotate(**{"fleet.cause": outcome.cause.value})
-        METRICS.ends.add(1, {"cause": outcome.cause.value})
+        # The end itself is counted where it is recorded (SessionStore.finish).
         if self._started:
-            METRICS.running.add(-1)
+            METRICS.running.add(-1, self._running_attributes())
         if self.stdio is not None:
             self.stdio.abort()
         removed = self.container_id is None
@@ -740,6 +768,7 @@ class SessionRun:
             try:
                 await self.runtime.remove(self.container_id)
                 removed = True
+                self._container_removed()
             except SandboxError:
                 log.exception("session.remove_failed")
         extra = {}
@@ -797,6 +826,13 @@ class SessionRun:
             life_ms=round((time.monotonic() - self._claimed_at) * 1000),
         )
 
+    def _container_removed(self) -> None:
+        if self._created_at is None:
+            return
+        attributes = {"profile": self.profile_name, "start": self._start_kind}
+        lifetime_s = time.monotonic() - self._created_at
+        METRICS.container_lifetime.record(lifetime_s, attributes)
+
     async def _keep_workspace(self) -> dict[str, str]:
         """Archive the workspace for the client when the session asked."""
         if self.workspace is None or self.claim.record.get("workspace_fetch") != "1":
@@ -813,6 +849,15 @@ class SessionRun:
             log.exception("session.workspace_archive_failed")
             return {"workspace_archive": "failed"}
         return {"workspace_archive": "stored"}
+
+
+def _messages(name: bytes, data: bytes) -> int:
+    """Lines in an output entry. A stdout entry ends at a line's end or at
+    the agent's last byte, which is a message too; stderr is free-form."""
+    lines = data.count(b"\n")
+    if name == b"o" and not data.endswith(b"\n"):
+        lines += 1
+    return lines
 
 
 async def _shielded(coro: Awaitable[None]) -> None:

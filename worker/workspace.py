@@ -145,6 +145,11 @@ class Workspace:
         stats = os.statvfs(self.mount)
         return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
 
+    def capacity_bytes(self) -> int:
+        """The size of the workspace's filesystem."""
+        stats = os.statvfs(self.mount)
+        return stats.f_blocks * stats.f_frsize
+
     async def remove(self) -> None:
         """Unmount and delete; call only once the sandbox is gone.
 
