@@ -86,6 +86,10 @@ PROFILES: dict[str, Any] = {
         "cat /sys/fs/cgroup/pids/pids.max", pids="unlimited"
     ),
     "pids-minus-one": busybox_profile("cat /sys/fs/cgroup/pids/pids.max", pids=-1),
+    # A tool that forks until the kernel refuses, then fails the agent.
+    "pids-out": busybox_profile(
+        "sleep 2 & s=$!; (while :; do sleep 30 & done); wait $s; exit 1"
+    ),
     "probe": busybox_profile(C07_PROBE + "; " + C07_PROBE),
     "wait-stdin": busybox_profile("cat", memory="1g"),
     "yes": busybox_profile("yes"),

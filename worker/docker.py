@@ -388,6 +388,18 @@ class DockerRuntime:
             raise
         return bool(info["State"].get("Running"))
 
+    @traced("docker.init_pid")
+    async def init_pid(self, container_id: str) -> int | None:
+        """The node's pid of the container's init; None once it has stopped."""
+        container = self.docker.containers.container(container_id)
+        try:
+            info = await self._call(container.show(), container_id=container_id)
+        except SandboxError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return int(info["State"].get("Pid") or 0) or None
+
     @traced("docker.kill")
     async def kill(self, container_id: str, signal: str) -> bool:
         """Send ``signal``; False when the container was no longer running."""

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -27,6 +28,7 @@ from shared.store import Claim, Renewal, SessionStore
 from shared.telemetry import shared_metrics, worker_metrics
 from shared.tracing import SessionTrace, annotate, traced
 from worker.acp import AcpGuard
+from worker.cgroups import forks_refused, pids_events_path
 from worker.docker import (
     AttachedStdio,
     DockerRuntime,
@@ -51,6 +53,9 @@ _OUT_ATTRIBUTES = {
     b"e": {"direction": "out", "stream": "stderr"},
 }
 _IN_ATTRIBUTES = {"direction": "in", "stream": "stdin"}
+# How often a running sandbox's refused forks are counted; a fork bomb
+# holds the limit far longer than this.
+_PIDS_CHECK_S = 0.5
 # The idle timer looks at most this often; idle timeouts are minutes.
 _IDLE_CHECK_S = 5.0
 
@@ -206,6 +211,9 @@ class SessionRun:
         self._created_at: float | None = None
         self._phase_ms: dict[str, int] = {}
         self._formatting: asyncio.Task[None] | None = None
+        # The cgroup's pids.events, found once the sandbox runs.
+        self._pids_events: Path | None = None
+        self._forks_refused = 0
         self.backlog_bytes = 0
         # The proxy variables of an egress session; its credentials live in
         # the proxy from the spec until cleanup.
@@ -489,9 +497,13 @@ class SessionRun:
             asyncio.create_task(self._supervised(self._pump_in(), "stdin")),
             asyncio.create_task(self._supervised(self._lifetime(), "lifetime")),
             asyncio.create_task(self._supervised(self._idle(), "idle")),
+            asyncio.create_task(self._supervised(self._watch_pids(), "pids")),
         ]
         try:
             await self._pump_out()
+            # The cgroup may outlive the attach stream by a moment: one more
+            # look catches a fork refused just before the end.
+            self._count_refused_forks()
             return await asyncio.wait_for(
                 self.runtime.wait_exit(self.container_id), _EXIT_WAIT_S
             )
@@ -638,6 +650,28 @@ class SessionRun:
             graceful=True,
         )
 
+    async def _watch_pids(self) -> None:
+        """Note forks refused at the pids limit while the sandbox runs."""
+        if self.limits.pids_limit <= 0 or self.container_id is None:
+            return
+        pid = await self.runtime.init_pid(self.container_id)
+        self._pids_events = pids_events_path(pid) if pid else None
+        # Polled: the kernel sends no inotify event for pids.events on v1.
+        while True:
+            if not self._count_refused_forks():
+                return
+            await asyncio.sleep(_PIDS_CHECK_S)
+
+    def _count_refused_forks(self) -> bool:
+        """Read the counter; False once the cgroup is gone."""
+        if self._pids_events is None:
+            return False
+        refused = forks_refused(self._pids_events)
+        if refused is None:
+            return False
+        self._forks_refused = max(self._forks_refused, refused)
+        return True
+
     async def _idle(self) -> None:
         """End the session once neither stdio nor a client has been seen."""
         idle_s = self.limits.idle_timeout_s
@@ -735,6 +769,9 @@ class SessionRun:
             cause = None
         if cause is None:
             cause = EndCause.OOM_KILLED if oom else EndCause.AGENT_EXIT
+        if cause is EndCause.AGENT_EXIT and code and self._forks_refused:
+            # The agent failed after the kernel refused it processes.
+            cause = EndCause.PIDS_EXHAUSTED
         if cause is EndCause.AGENT_EXIT and code and self._workspace_full():
             # The agent failed with its workspace full: the disk is why.
             cause = EndCause.DISK_FULL
@@ -745,7 +782,16 @@ class SessionRun:
             kill_signal=self._kill_signal,
             detail=self._stop_detail
             or (exit_state.error if exit_state else "")
+            or self._refused_forks_detail()
             or None,
+        )
+
+    def _refused_forks_detail(self) -> str:
+        if not self._forks_refused:
+            return ""
+        return (
+            f"{self._forks_refused} forks refused at the pids limit of "
+            f"{self.limits.pids_limit}"
         )
 
     def _workspace_full(self) -> bool:
@@ -824,6 +870,7 @@ class SessionRun:
             start=self._start_kind if self._started else None,
             **self._phase_ms,
             life_ms=round((time.monotonic() - self._claimed_at) * 1000),
+            forks_refused=self._forks_refused,
         )
 
     def _container_removed(self) -> None:

@@ -45,6 +45,7 @@ class TestSandboxFromInside:
         assert b"Resource temporarily unavailable" in ran.stderr
         assert ran.stdout == b"survived\n"
         assert (ran.end["cause"], ran.end["exit_code"]) == ("agent_exit", 0)
+        assert ran.view["detail"].endswith("forks refused at the pids limit of 64")
 
     async def test_cpu_set_weight_and_io_throttles_reach_the_cgroups(
         self, fleet: LocalFleet

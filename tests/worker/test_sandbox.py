@@ -235,6 +235,17 @@ class TestLimits:
         assert ran.end["cause"] == "agent_exit"
         assert ran.end["exit_code"] == 0
 
+    async def test_an_agent_that_fails_after_refused_forks_ends_pids_exhausted(
+        self, fleet: LocalFleet
+    ) -> None:
+        """Exit 1 after the kernel refused forks is pids_exhausted, not exit."""
+        ran = await run_session(fleet, "pids-out", timeout_s=30)
+
+        assert (ran.end["cause"], ran.end["exit_code"]) == ("pids_exhausted", 1)
+        assert ran.view["cause"] == "pids_exhausted"
+        refused = int(ran.view["detail"].split()[0])
+        assert refused >= 1
+
     @pytest.mark.parametrize("profile", ["pids-unlimited", "pids-minus-one"])
     async def test_unlimited_pids_give_an_unlimited_cgroup(
         self, fleet: LocalFleet, profile: str
