@@ -69,14 +69,17 @@ NOBODY = 65534
 def metered(redis_url: str, docker_images: None) -> Iterator[LocalFleet]:
     """A fleet with a warm pool, a failing pool and short timers."""
     profiles = {
-        name: PROFILES[name] for name in ("exit3", "oom", "yes", "fill-workspace")
+        name: PROFILES[name]
+        for name in ("exit3", "oom", "yes", "fill-workspace", "pids-out")
     }
     with local_fleet(
         {
             **profiles,
             "echo": {
                 **busybox_profile("echo ready; cat"),
-                "pool": {"size": 1, "max_age_s": 600},
+                # Two members and a long quiet period: one claim leaves one
+                # member for seconds, so the gauge can be read in between.
+                "pool": {"size": 2, "max_age_s": 600, "refill_quiet_ms": 3000},
             },
             "lines": busybox_profile("printf 'a\\nbb\\n' >&2; printf 'a\\nbb\\nccc'"),
             "sleep": busybox_profile("sleep 600"),
@@ -183,7 +186,7 @@ def worker_gauge(fleet: LocalFleet, name: str, **labels: str) -> float:
 
 
 async def wait_pool_ready(fleet: LocalFleet) -> None:
-    await wait_for(lambda: worker_gauge(fleet, "fleet_pool_size", pool="echo") == 1)
+    await wait_for(lambda: worker_gauge(fleet, "fleet_pool_size", pool="echo") == 2)
 
 
 class TestStartMetrics:
@@ -265,6 +268,19 @@ class TestEndMetrics:
 
         assert ran.view["cause"] == cause
         assert scrapes.delta(ENDS, cause=cause) == 1
+        assert scrapes.delta(ENDS) == 1
+
+    async def test_an_agent_failing_at_the_pids_limit_is_counted_once(
+        self, metered: LocalFleet
+    ) -> None:
+        """A pids_exhausted end adds one end under its cause."""
+        scrapes = Scrapes(metered)
+
+        # No EOF: this fleet's one-second EOF grace would end it first.
+        ran = await run_session(metered, "pids-out", eof=False)
+
+        assert ran.view["cause"] == "pids_exhausted"
+        assert scrapes.delta(ENDS, cause="pids_exhausted") == 1
         assert scrapes.delta(ENDS) == 1
 
     async def test_timers_and_cancellation_are_counted_by_cause(
@@ -364,8 +380,8 @@ class TestPoolMetrics:
     async def test_pool_size_and_refill_failures_are_reported(
         self, metered: LocalFleet
     ) -> None:
-        """The healthy pool shows its one member, the failing one none and
-        its refill failures; a warm claim empties the healthy one."""
+        """The healthy pool shows its members, the failing one none and its
+        refill failures; a warm claim takes one member out of the healthy one."""
         await wait_pool_ready(metered)
         failures = await wait_for(
             lambda: (
@@ -379,7 +395,7 @@ class TestPoolMetrics:
         async with FleetClient(metered.url, metered.api_key) as client:
             created = await client.create_session("echo")
             await wait_running(metered, created["id"])
-            assert worker_gauge(metered, "fleet_pool_size", pool="echo") == 0
+            assert worker_gauge(metered, "fleet_pool_size", pool="echo") == 1
             await client.cancel(created["id"])
         await wait_ended(metered, created["id"])
 
