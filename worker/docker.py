@@ -292,10 +292,21 @@ class DockerRuntime:
 
     @traced("docker.create")
     async def create(self, config: Mapping[str, Any], *, name: str) -> str:
-        """Create a container and return its id."""
-        container = await self._call(
-            self.docker.containers.create(dict(config), name=name)
+        """Create a container and return its id.
+
+        Cancelled midway, it removes what the Engine made before it raises:
+        a create the Engine has begun completes without its caller.
+        """
+        creating = asyncio.ensure_future(
+            self._call(self.docker.containers.create(dict(config), name=name))
         )
+        try:
+            container = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            await asyncio.wait([creating])
+            if not creating.cancelled() and creating.exception() is None:
+                await self.remove(str(creating.result().id))
+            raise
         return str(container.id)
 
     @traced("docker.attach")
