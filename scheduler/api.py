@@ -50,6 +50,7 @@ from shared.models import (
     EgressRecord,
     EgressView,
     EndCause,
+    ErrorBody,
     FleetView,
     NodeView,
     Outcome,
@@ -71,12 +72,20 @@ log = structlog.get_logger("scheduler.api")
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 _REDIS_TIMEOUT_S = 5.0
 _HTTP_CODES = {
-    400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
 }
 _NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+_REFUSALS = {
+    401: "No credential, or one that does not grant this.",
+    404: "No such session or node for this caller.",
+    409: "The session's state does not allow this.",
+    413: "The body is larger than its bound.",
+    422: "The request is malformed or out of range; `field` names what.",
+    429: "A quota, rate or queue bound refuses it for now; see Retry-After.",
+    503: "The session store is unreachable; see Retry-After.",
+}
 
 
 class Fleet:
@@ -92,6 +101,20 @@ class Fleet:
         self.admission = Admission(
             settings=settings, store=self.store, arq=arq, auth=self.auth
         )
+
+
+def _refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entries of the refusals a route can answer."""
+    return {
+        status: {"model": ErrorBody, "description": _REFUSALS[status]}
+        for status in statuses
+    }
+
+
+# What every route that checks a credential against Redis can refuse;
+# declaring 422 also replaces FastAPI's default validation schema, whose
+# body this API never sends.
+_GUARDED = (401, 422, 503)
 
 
 def _error(exc: RequestRefused) -> JSONResponse:
@@ -190,6 +213,11 @@ def create_app(settings: FleetSettings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Routing and body-parsing errors speak the API's error format too.
+        if exc.status_code == 400:
+            # FastAPI's answer to a body that is not even text (bytes that
+            # are not UTF-8); it is malformed input like any broken JSON.
+            message = f"body: {exc.detail}"
+            return _error(InvalidRequest("invalid_request", message))
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         body = {"code": code, "message": str(exc.detail)}
         return JSONResponse({"error": body}, status_code=exc.status_code)
@@ -250,7 +278,12 @@ AuthHeader = Annotated[str | None, Header()]
 
 
 def _session_routes(app: FastAPI) -> None:
-    @app.post("/v1/sessions", status_code=201, response_model=SessionCreated)
+    @app.post(
+        "/v1/sessions",
+        status_code=201,
+        response_model=SessionCreated,
+        responses=_refusals(*_GUARDED, 413, 429),
+    )
     async def create_session(
         body: CreateSession,
         request: Request,
@@ -261,7 +294,7 @@ def _session_routes(app: FastAPI) -> None:
         org = fleet.auth.org_for_key(_bearer(authorization))
         return await fleet.admission.create(org, body, remote=_remote(request))
 
-    @app.get("/v1/sessions", response_model=SessionList)
+    @app.get("/v1/sessions", response_model=SessionList, responses=_refusals(*_GUARDED))
     async def list_sessions(
         fleet: FleetDep,
         authorization: AuthHeader = None,
@@ -276,7 +309,11 @@ def _session_routes(app: FastAPI) -> None:
                 views.append(session_view(session_id, record))
         return SessionList(sessions=views)
 
-    @app.get("/v1/sessions/{session_id}", response_model=SessionView)
+    @app.get(
+        "/v1/sessions/{session_id}",
+        response_model=SessionView,
+        responses=_refusals(*_GUARDED, 404),
+    )
     async def get_session(
         session_id: str, fleet: FleetDep, authorization: AuthHeader = None
     ) -> SessionView:
@@ -285,7 +322,11 @@ def _session_routes(app: FastAPI) -> None:
         record = await _owned_record(fleet, principal, session_id)
         return session_view(session_id, record)
 
-    @app.get("/v1/sessions/{session_id}/egress", response_model=EgressView)
+    @app.get(
+        "/v1/sessions/{session_id}/egress",
+        response_model=EgressView,
+        responses=_refusals(*_GUARDED, 404),
+    )
     async def get_egress(
         session_id: str, fleet: FleetDep, authorization: AuthHeader = None
     ) -> EgressView:
@@ -297,7 +338,17 @@ def _session_routes(app: FastAPI) -> None:
         records = [EgressRecord.model_validate(entry) for entry in entries]
         return EgressView(id=session_id, records=records)
 
-    @app.delete("/v1/sessions/{session_id}", response_model=SessionView)
+    @app.delete(
+        "/v1/sessions/{session_id}",
+        response_model=SessionView,
+        responses={
+            202: {
+                "model": SessionView,
+                "description": "Cancellation asked of the running session.",
+            },
+            **_refusals(*_GUARDED, 404),
+        },
+    )
     async def cancel_session(
         session_id: str, fleet: FleetDep, authorization: AuthHeader = None
     ) -> Any:
@@ -328,6 +379,7 @@ def _workspace_routes(app: FastAPI) -> None:
     @app.put(
         "/v1/sessions/{session_id}/workspace",
         response_model=SessionView,
+        responses=_refusals(*_GUARDED, 404, 409, 413),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -380,7 +432,10 @@ def _workspace_routes(app: FastAPI) -> None:
     @app.get(
         "/v1/sessions/{session_id}/workspace",
         response_class=Response,
-        responses={200: {"content": {"application/x-tar": {}}}},
+        responses={
+            200: {"content": {"application/x-tar": {}}},
+            **_refusals(*_GUARDED, 404, 409),
+        },
     )
     async def get_workspace(
         session_id: str, fleet: FleetDep, authorization: AuthHeader = None
@@ -406,7 +461,11 @@ def _workspace_routes(app: FastAPI) -> None:
             )
         return Response(archive, media_type="application/x-tar")
 
-    @app.get("/v1/sessions/{session_id}/audit", response_model=AuditTrail)
+    @app.get(
+        "/v1/sessions/{session_id}/audit",
+        response_model=AuditTrail,
+        responses=_refusals(*_GUARDED, 404),
+    )
     async def audit_trail(
         session_id: str, fleet: FleetDep, authorization: AuthHeader = None
     ) -> AuditTrail:
@@ -448,7 +507,7 @@ def _remote(request: Request) -> str:
 
 
 def _operator_routes(app: FastAPI) -> None:
-    @app.get("/v1/fleet", response_model=FleetView)
+    @app.get("/v1/fleet", response_model=FleetView, responses=_refusals(*_GUARDED))
     async def fleet_view(
         fleet: FleetDep,
         authorization: AuthHeader = None,
@@ -460,14 +519,23 @@ def _operator_routes(app: FastAPI) -> None:
         fleet.auth.operator_for_key(_bearer(authorization))
         return await _fleet_view(fleet, sessions_limit=sessions_limit)
 
-    @app.post("/v1/nodes/{node}/drain", status_code=202, response_model=FleetView)
+    @app.post(
+        "/v1/nodes/{node}/drain",
+        status_code=202,
+        response_model=FleetView,
+        responses=_refusals(*_GUARDED, 404),
+    )
     async def drain_node(
         node: str, fleet: FleetDep, authorization: AuthHeader = None
     ) -> FleetView:
         """Ask a node to stop claiming sessions; running ones finish."""
         return await _set_drain(fleet, node, authorization, drain=True)
 
-    @app.delete("/v1/nodes/{node}/drain", response_model=FleetView)
+    @app.delete(
+        "/v1/nodes/{node}/drain",
+        response_model=FleetView,
+        responses=_refusals(*_GUARDED, 404),
+    )
     async def undrain_node(
         node: str, fleet: FleetDep, authorization: AuthHeader = None
     ) -> FleetView:
@@ -486,7 +554,7 @@ def _health_routes(app: FastAPI) -> None:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_refusals(503))
     async def readyz(fleet: FleetDep) -> dict[str, str]:
         """The process can reach Redis."""
         await fleet.store.redis.ping()

@@ -188,6 +188,20 @@ def session_view(session_id: str, record: dict[str, str]) -> SessionView:
     )
 
 
+class ErrorDetail(BaseModel):
+    """What was refused: a stable code, a sentence and, for input, the field."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Body of every refusal the API answers, whatever its status."""
+
+    error: ErrorDetail
+
+
 class SessionList(BaseModel):
     """The calling organisation's newest sessions."""
 

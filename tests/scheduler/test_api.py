@@ -245,6 +245,7 @@ class TestAuthentication:
 
 BAD_BODIES = [
     (b"{not json", "invalid_request"),
+    (b'{"profile": "\xff"}', "invalid_request"),
     (b'{"profile": 5}', "invalid_request"),
     (b'{"profile": "sh", "surprise": 1}', "invalid_request"),
     (b'{"profile": "nope"}', "unknown_profile"),
