@@ -14,6 +14,12 @@ MIB = 1024**2
 # Docker refuses a memory limit below 6 MiB at container creation; saying so
 # at validation turns a late start failure into an early config error.
 MIN_MEMORY_BYTES = 6 * MIB
+# The Engine keeps limits in signed 64-bit integers and refuses anything
+# larger when the container is created, long after validation could say so.
+MAX_MEMORY_BYTES = 2**63 - 1
+# More CPUs than Linux can address (NR_CPUS tops out at 8192); it also keeps
+# huge decimals such as 1e999999 from overflowing the conversion.
+MAX_CPUS = 8192
 UNLIMITED_PIDS = -1
 
 _MEMORY_FORMS = (
@@ -41,6 +47,11 @@ def parse_memory_bytes(value: object) -> int:
             f"{value!r} is below the minimum of 6 MiB that Docker accepts; "
             f"give {_MEMORY_FORMS}"
         )
+    if memory_bytes > MAX_MEMORY_BYTES:
+        raise ValueError(
+            f"{_shown(value)} is above the 8 EiB that Docker can hold; "
+            f"give {_MEMORY_FORMS}"
+        )
 
     return memory_bytes
 
@@ -50,8 +61,18 @@ def _memory_string_bytes(text: str) -> int:
     if match is None:
         raise ValueError(f"{text!r} is not a memory size; expected {_MEMORY_FORMS}")
     unit = (match["unit"] or "").lower()
+    # Longer numbers are above any limit, and past a million digits the
+    # exact product below would overflow the decimal context.
+    if len(match["number"]) > 40:
+        return MAX_MEMORY_BYTES + 1
     exact = Decimal(match["number"]) * 1024 ** _UNIT_EXPONENT[unit]
     return int(exact)
+
+
+def _shown(value: object) -> str:
+    """``repr`` of a value cut short, so a huge one cannot flood a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def parse_nano_cpus(value: object) -> int:
@@ -64,7 +85,12 @@ def parse_nano_cpus(value: object) -> int:
     except InvalidOperation:
         raise ValueError(f"{value!r} is not a number; expected {forms}") from None
     if not cpus.is_finite() or cpus <= 0:
-        raise ValueError(f"{value!r} is not positive; expected {forms}")
+        raise ValueError(f"{_shown(value)} is not positive; expected {forms}")
+    if cpus > MAX_CPUS:
+        raise ValueError(
+            f"{_shown(value)} is more than the {MAX_CPUS} CPUs Linux can address; "
+            f"expected {forms}"
+        )
     nano_cpus = int(cpus * 1_000_000_000)
     # Below a thousandth of a CPU the CFS quota Docker derives is meaningless.
     if nano_cpus < 1_000_000:

@@ -257,6 +257,7 @@ BAD_BODIES = [
     (b'{"profile": "sh", "limits": {"pids": "unlimited"}}', "limit_exceeds_profile"),
     (b'{"profile": "sh", "limits": {"cpus": -1}}', "invalid_limit"),
     (b'{"profile": "sh", "limits": {"cpus": 3}}', "limit_exceeds_profile"),
+    (b'{"profile": "sh", "limits": {"cpus": "1e999999999"}}', "invalid_limit"),
     (b'{"profile": "sh", "limits": {"lifetime_s": 0}}', "invalid_request"),
     (b'{"profile": "sh", "limits": {"idle_timeout_s": true}}', "invalid_request"),
     (b'{"profile": "sh", "env": {"X": "a\\u0000b"}}', "invalid_request"),

@@ -42,6 +42,14 @@ class TestParseMemoryBytes:
         with pytest.raises(ValueError, match="is not a memory size; expected a size"):
             parse_memory_bytes(text)
 
+    @pytest.mark.parametrize("value", [2**63, "8193p", "9" * 2_000_000])
+    def test_above_what_docker_holds(self, value: object) -> None:
+        """A size beyond Docker's 64-bit limit is refused, however long."""
+        with pytest.raises(ValueError, match="above the 8 EiB") as refused:
+            parse_memory_bytes(value)
+
+        assert len(str(refused.value)) < 400
+
     @pytest.mark.parametrize("value", [True, 1.5, None])
     def test_other_types(self, value: object) -> None:
         """A bool, float or None is not a memory size."""
@@ -66,6 +74,12 @@ class TestParseNanoCpus:
     def test_refused(self, value: object) -> None:
         """Zero, negatives, non-numbers, NaN and infinity are refused."""
         with pytest.raises(ValueError, match="positive decimal number of CPUs"):
+            parse_nano_cpus(value)
+
+    @pytest.mark.parametrize("value", ["8193", 1e300, "1e999999999", "1e99999"])
+    def test_more_than_linux_addresses(self, value: object) -> None:
+        """A count past 8192 CPUs is refused, never overflowing the decimal."""
+        with pytest.raises(ValueError, match="more than the 8192 CPUs"):
             parse_nano_cpus(value)
 
 
