@@ -477,26 +477,67 @@ def load_settings(path: str | Path | None = None) -> FleetSettings:
     data: dict[str, Any] = {}
     if path:
         data = _read_toml(Path(path))
+    source = str(path) if path else "the environment"
+    if path:
+        source += " (and ACP_FLEET_* variables)"
+    _refuse_private_keys(data, source=source)
     try:
         return FleetSettings(**data)
     except ValidationError as exc:
-        source = str(path) if path else "the environment"
-        if path:
-            source += " (and ACP_FLEET_* variables)"
         raise ConfigError(describe_validation_error(exc, source=source)) from exc
     except SettingsError as exc:
-        # A nested field given as malformed JSON in the environment.
-        raise ConfigError(f"invalid settings in the environment: {exc}") from exc
+        raise ConfigError(_describe_environment_error(exc)) from exc
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"config file {path} is not valid TOML: line {line} is not UTF-8 text"
+        ) from exc
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        reason = str(exc)
+        # Python 3.11 gives no line for an error at the end of the document,
+        # an unterminated string for one; the last line is where it is.
+        if "(at end of document)" in reason:
+            last = f"(at end of document, line {len(text.splitlines()) or 1})"
+            reason = reason.replace("(at end of document)", last)
+        raise ConfigError(f"config file {path} is not valid TOML: {reason}") from exc
+
+
+def _refuse_private_keys(data: dict[str, Any], *, source: str) -> None:
+    """Refuse top-level keys that pydantic-settings would take as its own
+    options: ``_env_prefix`` in a file would silently change which
+    variables override it."""
+    private = sorted(key for key in data if key.startswith("_"))
+    if private:
+        lines = [f"  {key}: is not a known setting" for key in private]
+        raise ConfigError("\n".join([f"invalid settings in {source}:", *lines]))
+
+
+def _describe_environment_error(exc: SettingsError) -> str:
+    """Name the field and the variables of a table given as malformed JSON."""
+    # pydantic-settings names the top-level field only in its message.
+    match = re.search(r'field "([^"]+)"', str(exc))
+    field = match[1] if match else "(unknown field)"
+    prefix = f"{ENV_PREFIX}{field}".upper()
+    names = sorted(name for name in os.environ if name.upper().startswith(prefix))
+    variables = ", ".join(names) or "an ACP_FLEET_* variable"
+    return (
+        "invalid settings in the environment:\n"
+        f"  {field}: {variables} must hold JSON for this table, or name one "
+        "field each (ACP_FLEET_WORKER__LEASE_MS=5000)"
+    )
 
 
 _SECRET_WORDS = ("secret", "key", "env", "token")
@@ -513,7 +554,12 @@ def describe_validation_error(exc: ValidationError, *, source: str) -> str:
         if error["type"] == "extra_forbidden":
             reason = "is not a known setting"
         elif isinstance(shown, str | int | float) and not secret:
-            reason = f"{reason} (got {shown!r})"
+            reason = f"{reason} (got {_cut(repr(shown))})"
         lines.append(f"  {field}: {reason}")
 
     return "\n".join(lines)
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """``text`` cut short, so a huge value cannot flood the message."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

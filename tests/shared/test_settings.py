@@ -134,6 +134,43 @@ class TestLoadSettings:
 
         assert message.startswith(f"config file {path} is not valid TOML: ")
 
+    def test_unterminated_string_names_its_line(self, tmp_path: Path) -> None:
+        """An error at the end of the document still names the line."""
+        path = write_config(tmp_path, HEADER + 'fleet = "open')
+
+        message = load_error(path)
+
+        assert message.startswith(f"config file {path} is not valid TOML: ")
+        assert "line 3" in message
+
+    def test_text_that_is_not_utf8(self, tmp_path: Path) -> None:
+        """A file with bytes that are not UTF-8 is a ConfigError naming the line."""
+        path = tmp_path / "fleet.toml"
+        path.write_bytes(HEADER.encode() + b'fleet = "\xff"\n')
+
+        message = load_error(path)
+
+        assert message == (
+            f"config file {path} is not valid TOML: line 3 is not UTF-8 text"
+        )
+
+    def test_unreadable_path(self, tmp_path: Path) -> None:
+        """A path that names a directory is a ConfigError naming it."""
+        message = load_error(tmp_path)
+
+        assert message.startswith(f"config file {tmp_path} cannot be read: ")
+
+    @pytest.mark.parametrize("key", ["_env_prefix", "_secrets_dir", "_env_file"])
+    def test_settings_library_options_are_unknown_keys(
+        self, tmp_path: Path, key: str
+    ) -> None:
+        """A key pydantic-settings would take as its option is refused by name."""
+        path = write_config(tmp_path, HEADER + f'{key} = "X_"\n')
+
+        message = load_error(path)
+
+        assert f"  {key}: is not a known setting" in message
+
     def test_environment_overrides_file(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -157,7 +194,27 @@ class TestLoadSettings:
 
         message = load_error(path)
 
-        assert "orgs" in message
+        assert "  orgs: ACP_FLEET_ORGS must hold JSON" in message
+
+    def test_malformed_nested_environment_value(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A nested table given as broken JSON names its field and variable."""
+        path = write_config(tmp_path, HEADER)
+        monkeypatch.setenv("ACP_FLEET_WORKER__EGRESS", "{not json")
+
+        message = load_error(path)
+
+        assert "  worker: ACP_FLEET_WORKER__EGRESS must hold JSON" in message
+
+    def test_huge_value_is_cut_short(self, tmp_path: Path) -> None:
+        """A long invalid value is quoted cut short, not whole."""
+        path = write_config(tmp_path, HEADER + f'fleet = "{"X" * 100_000}"\n')
+
+        message = load_error(path)
+
+        assert "  fleet: " in message
+        assert len(message) < 500
 
     def test_short_secret_not_echoed(self, tmp_path: Path) -> None:
         """A too-short token_secret is refused without showing its value."""
