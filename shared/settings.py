@@ -8,6 +8,7 @@ invalid value stops start-up with a ``ConfigError`` naming the field.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -541,13 +542,14 @@ def _describe_environment_error(exc: SettingsError) -> str:
 
 
 _SECRET_WORDS = ("secret", "key", "env", "token")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def describe_validation_error(exc: ValidationError, *, source: str) -> str:
     """Render each error as ``field.path: reason``, never echoing secrets."""
     lines = [f"invalid settings in {source}:"]
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "(root)"
+        field = ".".join(_toml_key(part) for part in error["loc"]) or "(root)"
         reason = error["msg"].removeprefix("Value error, ")
         shown = error.get("input")
         secret = any(word in field.lower() for word in _SECRET_WORDS)
@@ -558,6 +560,12 @@ def describe_validation_error(exc: ValidationError, *, source: str) -> str:
         lines.append(f"  {field}: {reason}")
 
     return "\n".join(lines)
+
+
+def _toml_key(part: str | int) -> str:
+    """One part of a dotted path as TOML writes it: quoted unless bare."""
+    text = str(part)
+    return text if _BARE_KEY.fullmatch(text) else json.dumps(text)
 
 
 def _cut(text: str, limit: int = 80) -> str:

@@ -118,6 +118,24 @@ class TestLoadSettings:
 
         assert f"  {field}: is not a known setting" in message
 
+    @pytest.mark.parametrize(
+        ("extra", "field"),
+        [
+            ('"" = 1\n', '""'),
+            ('[orgs."a.b"]\nmax_sessions = 1\n', 'orgs."a.b".key_sha256'),
+        ],
+    )
+    def test_keys_that_are_not_bare_are_quoted(
+        self, tmp_path: Path, extra: str, field: str
+    ) -> None:
+        """An empty or dotted key is named in quotes, as TOML writes it."""
+        path = write_config(tmp_path, HEADER + extra)
+
+        message = load_error(path)
+
+        assert f"  {field}: " in message
+        assert "(root)" not in message
+
     def test_missing_file(self, tmp_path: Path) -> None:
         """A file that does not exist is a ConfigError naming it."""
         path = tmp_path / "absent.toml"
