@@ -234,7 +234,11 @@ def broken_parts(case: Any) -> frozenset[str]:
 
 def aim(case: Any, data: st.DataObject, fleet: LocalFleet, seeds: Seeds) -> None:
     """Point a generated case at seeded sessions and real credentials."""
-    credential = data.draw(st.sampled_from(CREDENTIALS), label="credential")
+    # Half the requests carry the credential the operation wants, so that
+    # enough of them get past authentication to admission and the store.
+    operator_route = case.path.startswith(("/v1/fleet", "/v1/nodes"))
+    wanted = st.just("operator" if operator_route else "org")
+    credential = data.draw(wanted | st.sampled_from(CREDENTIALS), label="credential")
     if credential != "generated" and "header" not in broken_parts(case):
         headers = {
             name: value
@@ -254,12 +258,15 @@ def aim(case: Any, data: st.DataObject, fleet: LocalFleet, seeds: Seeds) -> None
     if "node" in path and data.draw(st.booleans(), label="known node"):
         path["node"] = NODE
     body = case.body
-    # A generated profile name is never one the fleet knows, and admission
-    # checks the profile before the limits; a body that fits the document
-    # often names the real one, so the limits are fuzzed too.
+    # A generated profile name is never one the fleet knows, and one bad
+    # part refuses the whole body: a body that fits the document often
+    # names the real profile and keeps only some of its other parts, so
+    # that requests reach admission with each part in turn.
     fits = isinstance(body, dict) and "profile" in body and not broken_parts(case)
     if fits and data.draw(st.booleans(), label="known profile"):
-        case.body = {**body, "profile": "sh"}
+        parts = sorted(set(body) - {"profile"})
+        kept = data.draw(st.sets(st.sampled_from(parts)) if parts else st.just(set()))
+        case.body = {"profile": "sh", **{part: body[part] for part in kept}}
 
 
 @dataclass(frozen=True)
