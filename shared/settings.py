@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
-from shared.allowlist import normalise_host, parse_host_pattern
+from shared.allowlist import is_ip_literal, normalise_host, parse_host_pattern
 from shared.errors import ConfigError
 from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
 
@@ -290,6 +290,13 @@ class EgressConfig(_Strict):
     @classmethod
     def _addresses(cls, hosts: dict[str, str]) -> dict[str, str]:
         for name, address in hosts.items():
+            # A wildcard or an address here is never looked up, so the
+            # entry would silently do nothing.
+            if not _is_one_host_name(name):
+                raise ValueError(
+                    f"{name!r} is not a host name such as 'pypi.org'; each "
+                    "entry maps one name to an IP address"
+                )
             try:
                 ipaddress.ip_address(address)
             except ValueError:
@@ -401,6 +408,17 @@ class DockerProxyConfig(_Strict):
                 "tcp://host:port"
             )
         return url
+
+
+def _is_one_host_name(name: str) -> bool:
+    host = normalise_host(name)
+    if "*" in host or is_ip_literal(host):
+        return False
+    try:
+        parse_host_pattern(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _default_docker_url() -> str:

@@ -347,6 +347,17 @@ class TestNetworkPolicy:
 
         assert "profiles.coder.network: egress with an empty allow list" in message
 
+    @pytest.mark.parametrize("name", ["", "*", "*.pypi.org", "203.0.113.9", "a b"])
+    def test_worker_hosts_are_single_names(self, tmp_path: Path, name: str) -> None:
+        """A static host entry keyed by no name, a wildcard or an address is
+        refused: it would never be looked up."""
+        worker = f'[worker.egress.hosts]\n"{name}" = "203.0.113.7"\n'
+        path = write_config(tmp_path, HEADER + worker)
+
+        message = load_error(path)
+
+        assert f"worker.egress.hosts: {name!r} is not a host name" in message
+
     def test_worker_hosts_must_map_to_addresses(self, tmp_path: Path) -> None:
         """A static host entry that is not an IP address is refused by name."""
         worker = '[worker.egress.hosts]\n"pypi.org" = "somewhere"\n'
