@@ -13,6 +13,27 @@ from pathlib import Path
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
+def known_pids_events(container_id: str) -> Path | None:
+    """The ``pids.events`` of a container where Docker's drivers put it.
+
+    Docker's cgroupfs and systemd drivers, on cgroup v1 and v2, name the
+    container's cgroup after its id; this spares a Docker call per session.
+    None for any other layout (a custom cgroup parent, say).
+    """
+    candidates = (
+        f"pids/docker/{container_id}",
+        f"pids/system.slice/docker-{container_id}.scope",
+        f"docker/{container_id}",
+        f"system.slice/docker-{container_id}.scope",
+    )
+    for candidate in candidates:
+        path = _CGROUP_ROOT / candidate / "pids.events"
+        if path.exists():
+            return path
+
+    return None
+
+
 def pids_events_path(pid: int, *, proc: Path = Path("/proc")) -> Path | None:
     """The ``pids.events`` file of the cgroup that process ``pid`` is in.
 

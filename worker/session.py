@@ -28,7 +28,7 @@ from shared.store import Claim, Renewal, SessionStore
 from shared.telemetry import shared_metrics, worker_metrics
 from shared.tracing import SessionTrace, annotate, traced
 from worker.acp import AcpGuard
-from worker.cgroups import forks_refused, pids_events_path
+from worker.cgroups import forks_refused, known_pids_events, pids_events_path
 from worker.docker import (
     AttachedStdio,
     DockerRuntime,
@@ -654,8 +654,12 @@ class SessionRun:
         """Note forks refused at the pids limit while the sandbox runs."""
         if self.limits.pids_limit <= 0 or self.container_id is None:
             return
-        pid = await self.runtime.init_pid(self.container_id)
-        self._pids_events = pids_events_path(pid) if pid else None
+        # Not at once: a burst of starts needs the CPU more than this does.
+        await asyncio.sleep(_PIDS_CHECK_S)
+        self._pids_events = known_pids_events(self.container_id)
+        if self._pids_events is None:
+            pid = await self.runtime.init_pid(self.container_id)
+            self._pids_events = pids_events_path(pid) if pid else None
         # Polled: the kernel sends no inotify event for pids.events on v1.
         while True:
             if not self._count_refused_forks():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from worker import cgroups
-from worker.cgroups import forks_refused, pids_events_path
+from worker.cgroups import forks_refused, known_pids_events, pids_events_path
 
 
 @pytest.fixture
@@ -57,3 +57,33 @@ class TestForksRefused:
     def test_is_none_once_the_cgroup_is_removed(self, tmp_path: Path) -> None:
         """A removed cgroup reads as None, so the watcher stops."""
         assert forks_refused(tmp_path / "gone" / "pids.events") is None
+
+
+class TestKnownPidsEvents:
+    @pytest.mark.parametrize(
+        "layout",
+        [
+            "pids/docker/{id}",
+            "pids/system.slice/docker-{id}.scope",
+            "docker/{id}",
+            "system.slice/docker-{id}.scope",
+        ],
+    )
+    def test_finds_each_driver_layout(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+    ) -> None:
+        """Docker's cgroupfs and systemd layouts, v1 and v2, need no lookup."""
+        directory = tmp_path / layout.format(id="abc")
+        directory.mkdir(parents=True)
+        (directory / "pids.events").write_text("max 0\n")
+        monkeypatch.setattr(cgroups, "_CGROUP_ROOT", tmp_path)
+
+        assert known_pids_events("abc") == directory / "pids.events"
+
+    def test_is_none_for_another_layout(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A custom cgroup parent falls back to asking the process."""
+        monkeypatch.setattr(cgroups, "_CGROUP_ROOT", tmp_path)
+
+        assert known_pids_events("abc") is None
