@@ -18,12 +18,14 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
 from shared.errors import SandboxError
 from shared.settings import AgentProfile, PoolConfig
 from shared.telemetry import worker_metrics
+from worker.cgroups import known_pids_events
 from worker.docker import (
     AttachedStdio,
     DockerRuntime,
@@ -108,6 +110,13 @@ class Member:
     stdio: AttachedStdio
     workspace: Workspace
     born: float = field(default_factory=time.monotonic)
+    # The member's pids.events, which the kernel removes with its cgroup
+    # when the sandbox dies; None where Docker's layout is not known.
+    cgroup_events: Path | None = None
+
+    def known_dead(self) -> bool:
+        """True when the member's cgroup is gone: a look with no Docker call."""
+        return self.cgroup_events is not None and not self.cgroup_events.exists()
 
 
 @dataclass
@@ -288,7 +297,12 @@ class WarmPool:
         finally:
             self.creating.discard(container_id)
 
-        return Member(container_id=container_id, stdio=stdio, workspace=workspace)
+        return Member(
+            container_id=container_id,
+            stdio=stdio,
+            workspace=workspace,
+            cgroup_events=known_pids_events(container_id),
+        )
 
     def _member_config(self, workspace: str) -> dict[str, object]:
         spec = SandboxSpec(

@@ -376,11 +376,9 @@ class SessionRun:
             annotate(**{"fleet.pool.outcome": "none"})
             return None
         member = pool.take()
-        # The socket shows a member's death only once its end is read; one
-        # look at Docker (a few ms) keeps a killed member from being used.
-        while member is not None and not await self.runtime.running(
-            member.container_id
-        ):
+        # The socket shows a member's death only once its end is read; its
+        # cgroup, or else one look at Docker, keeps a dead one from use.
+        while member is not None and not await self._alive(member):
             pool.discard(member)
             member = pool.take()
         if member is not None:
@@ -390,6 +388,11 @@ class SessionRun:
         METRICS.pool_claims.add(1, {"pool": self.profile_name, "outcome": outcome})
         annotate(**{"fleet.pool.outcome": outcome})
         return member
+
+    async def _alive(self, member: Member) -> bool:
+        if member.cgroup_events is not None:
+            return not member.known_dead()
+        return await self.runtime.running(member.container_id)
 
     async def _start_warm(self, member: Member) -> None:
         self.container_id, self.stdio = member.container_id, member.stdio
