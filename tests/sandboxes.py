@@ -86,6 +86,8 @@ PROFILES: dict[str, Any] = {
         "cat /sys/fs/cgroup/pids/pids.max", pids="unlimited"
     ),
     "pids-minus-one": busybox_profile("cat /sys/fs/cgroup/pids/pids.max", pids=-1),
+    # Echoes what the ACP guard lets through to the agent.
+    "acp-echo": {**busybox_profile("cat"), "protocol": "acp"},
     # A tool that forks until the kernel refuses, then fails the agent.
     "pids-out": busybox_profile(
         "sleep 2 & s=$!; (while :; do sleep 30 & done); wait $s; exit 1"

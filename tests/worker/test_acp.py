@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from shared.errors import RelayError
+from shared.localfleet import LocalFleet
+from tests.sandboxes import run_session
 from worker.acp import AcpGuard
 
 WORKDIR = "/workspace"
@@ -88,7 +90,7 @@ class TestAcpGuard:
             b'{"jsonrpc":"2.0","id":1,"result":{"method":"initialize"}}\n',
             b'{"method":"initialize","params":"not an object"}\n',
             b'["initialize"]\n',
-            b'{"method": "initialize", broken\n',
+            "\u00a0plain text\n".encode(),
             b"\n",
         ],
         ids=[
@@ -98,7 +100,7 @@ class TestAcpGuard:
             "result-names-method",
             "params-not-object",
             "array",
-            "broken-json",
+            "unicode-space-then-text",
             "empty-line",
         ],
     )
@@ -180,8 +182,53 @@ class TestAcpGuard:
 
         assert guarded["params"]["cwd"] == WORKDIR
 
+    @pytest.mark.parametrize(
+        "prefix",
+        ["\ufeff", "\u00a0", "\u2028", "\u3000 \t"],
+        ids=["byte-order-mark", "no-break-space", "line-separator", "mixed"],
+    )
+    def test_a_request_behind_what_agents_trim_is_guarded(self, prefix: str) -> None:
+        """Agents on Node trim a BOM and Unicode spaces; so does the guard."""
+        guard = AcpGuard(workdir=WORKDIR, allow_fs=False)
+
+        guarded = guard.feed(prefix.encode() + initialize())
+
+        assert json.loads(guarded)["params"]["clientCapabilities"]["terminal"] is False
+
+    def test_each_request_of_a_batch_is_guarded(self) -> None:
+        """A JSON-RPC batch cannot carry an initialize past the guard."""
+        guard = AcpGuard(workdir=WORKDIR, allow_fs=False)
+        batch = b"[" + initialize()[:-1] + b"," + session_new()[:-1] + b"]\n"
+
+        first, second = json.loads(guard.feed(batch))
+
+        assert first["params"]["clientCapabilities"]["terminal"] is False
+        assert second["params"]["cwd"] == WORKDIR
+
 
 class TestGuardRefusals:
+    @pytest.mark.parametrize(
+        "line",
+        [
+            session_new()[:-2] + b',"x":"\xff"}\n',
+            b"\xef\xbb" + initialize(),
+        ],
+        ids=["invalid-byte-in-string", "cut-byte-order-mark"],
+    )
+    def test_a_line_that_is_not_utf8_is_refused(self, line: bytes) -> None:
+        """An agent would read a bad byte as U+FFFD; the guard cannot check it."""
+        guard = AcpGuard(workdir=WORKDIR, allow_fs=False)
+
+        with pytest.raises(RelayError, match="not valid UTF-8"):
+            guard.feed(line)
+
+    def test_a_line_that_looks_like_json_but_is_not_is_refused(self) -> None:
+        """A broken object is refused: another parser might still read it."""
+        guard = AcpGuard(workdir=WORKDIR, allow_fs=False)
+
+        with pytest.raises(RelayError, match="looks like JSON"):
+            guard.feed(b'{"method": "initialize", broken\n')
+
     def test_a_line_too_deep_to_parse_is_refused_not_passed(self) -> None:
         """A line nested beyond the parser's depth raises instead of slipping by."""
         guard = AcpGuard(workdir="/workspace", allow_fs=False)
@@ -197,3 +244,29 @@ class TestGuardRefusals:
 
         with pytest.raises(RelayError):
             guard.feed(b"x" * 100)
+
+
+class TestGuardInTheFleet:
+    async def test_the_agent_receives_the_guarded_initialize(
+        self, fleet: LocalFleet
+    ) -> None:
+        """A BOM before initialize still reaches the agent without terminal."""
+        ran = await run_session(
+            fleet, "acp-echo", stdin="\ufeff".encode() + initialize()
+        )
+
+        received = json.loads(ran.stdout)
+        assert received["params"]["clientCapabilities"]["terminal"] is False
+        assert ran.end["cause"] == "agent_exit"
+
+    async def test_a_line_the_guard_cannot_read_ends_the_session(
+        self, fleet: LocalFleet
+    ) -> None:
+        """Invalid UTF-8 never reaches the agent; the session ends saying why."""
+        line = session_new()[:-2] + b',"x":"\xff"}\n'
+
+        ran = await run_session(fleet, "acp-echo", stdin=line)
+
+        assert ran.stdout == b""
+        assert ran.view["cause"] == "relay_failed"
+        assert "not valid UTF-8" in ran.view["detail"]
