@@ -328,6 +328,9 @@ class WorkerConfig(_Strict):
     # Each sandbox's workspace is a filesystem image under this directory,
     # mounted on the node and bound into the sandbox.
     workspace_root: str = "/var/lib/acp-fleet/workspaces"
+    # Formatted, mounted workspaces kept ready per size for cold starts,
+    # which then skip mkfs and mount; each costs only its used blocks.
+    workspace_spares: int = Field(2, ge=0, le=64)
     # A fetched workspace is kept in Redis as a tar archive up to this size.
     workspace_archive_max_bytes: MemoryBytes = Field(
         64 * 1024**2, alias="workspace_archive_max"

@@ -40,7 +40,7 @@ from worker.docker import (
 from worker.egress import Egress
 from worker.frames import STDOUT, FrameDecoder, LineBuffer, LineTooLong
 from worker.pool import Member, WarmPool, launch_spec, split_secrets, with_launcher
-from worker.workspace import ArchiveTooLarge, Workspace
+from worker.workspace import ArchiveTooLarge, Spares, Workspace
 
 log = structlog.get_logger("worker.session")
 
@@ -91,6 +91,11 @@ class SessionRunner:
         # Whether this node has AppArmor, so profiles' AppArmor names apply.
         self.apparmor = apparmor
         self.pools: dict[str, WarmPool] = {}
+        self.spares = Spares(
+            settings.worker.workspace_root,
+            prefix=f"{settings.fleet}-spare",
+            count=settings.worker.workspace_spares,
+        )
         self.pool_tasks: list[asyncio.Task[None]] = []
         self.active: dict[str, SessionRun] = {}
         self._idle = asyncio.Event()
@@ -155,6 +160,7 @@ class SessionRunner:
         }
         for pool in self.pools.values():
             names |= pool.workspace_names
+        names |= self.spares.names
         return names
 
     async def close_pools(self) -> None:
@@ -164,6 +170,7 @@ class SessionRunner:
         await asyncio.gather(*self.pool_tasks, return_exceptions=True)
         for pool in self.pools.values():
             await pool.close()
+        await self.spares.close()
 
     async def wait_idle(self, *, timeout_s: float) -> None:
         """Wait until no session runs here, or ``timeout_s`` has passed."""
@@ -312,24 +319,29 @@ class SessionRun:
         return int(uid), int(gid)
 
     async def _start_cold(self, spec: SandboxSpec) -> None:
-        """Create a sandbox while its workspace is formatted, then start it.
+        """Create a sandbox on a spare workspace, or on one formatted
+        meanwhile, then start it.
 
         Docker resolves a bind mount when the container starts, not when it
-        is created, so formatting and mounting (tens of milliseconds) overlap
-        the Engine's create and attach instead of preceding them.
+        is created, so without a spare, formatting and mounting (tens of
+        milliseconds) overlap the Engine's create and attach.
         """
-        name = f"{self.settings.fleet}-{self.session_id}"
-        self.workspace = Workspace(self.settings.worker.workspace_root, name)
         uid, gid = self._uid_gid()
-        # The directories exist before the create that names them.
-        self.workspace.make_dirs()
-        self._formatting = asyncio.create_task(
-            self.workspace.format(self.limits.workspace_bytes, uid=uid, gid=gid)
-        )
+        size_bytes = self.limits.workspace_bytes
+        self.workspace = self.runner.spares.take(size_bytes, uid=uid, gid=gid)
+        if self.workspace is None:
+            name = f"{self.settings.fleet}-{self.session_id}"
+            self.workspace = Workspace(self.settings.worker.workspace_root, name)
+            # The directories exist before the create that names them.
+            self.workspace.make_dirs()
+            self._formatting = asyncio.create_task(
+                self.workspace.format(size_bytes, uid=uid, gid=gid)
+            )
         await self._create(spec)
         # Attach before start, so not one byte of early output is missed.
         self.stdio = await self.runtime.attach(self.container_id or "")
-        await self._formatting
+        if self._formatting is not None:
+            await self._formatting
         await self._fill_workspace()
         await self._start()
 

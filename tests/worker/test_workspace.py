@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from scheduler.client import ApiError, End, FleetClient
 from shared.localfleet import LocalFleet
 from shared.wire import STDOUT
 from tests.sandboxes import MIB
+from worker.workspace import Spares
 
 
 def tar_of(files: dict[str, bytes]) -> bytes:
@@ -60,6 +62,7 @@ class TestWorkspaceLimit:
                 # one sparse image, allocated no further than the limit.
                 images = list(root.glob("*/fs.img"))
                 allocated = [image.stat().st_blocks * 512 for image in images]
+                filled = max(images, key=lambda image: image.stat().st_blocks)
                 free_during = shutil.disk_usage(fleet.workdir).free
                 await stdio.send(b"exit\n")
                 async with asyncio.timeout(60):
@@ -78,7 +81,45 @@ class TestWorkspaceLimit:
         assert view["cause"] == "disk_full"
         assert view["exit_code"] == 1
         # Gone with its session: nothing of it stays on the node.
-        assert not (root / f"acp-fleet-{created['id']}").exists()
+        assert not filled.parent.exists()
+
+
+class TestSpares:
+    async def test_a_spare_is_taken_ready_and_replaced(self, tmp_path: Path) -> None:
+        """The first take finds none and makes one; the next gets it mounted
+        and owned by the agent, and close removes what is kept."""
+        spares = Spares(tmp_path, prefix="t-spare", count=1)
+        first = spares.take(16 * MIB, uid=1000, gid=1000)
+        await spares.made()
+
+        second = spares.take(16 * MIB, uid=1000, gid=1000)
+        assert second is not None
+        mounted, owner = second.mount.is_mount(), second.mount.stat().st_uid
+        await spares.made()
+        kept = set(spares.names)
+        await spares.close()
+        await second.remove()
+
+        assert first is None
+        assert (mounted, owner) == (True, 1000)
+        assert second.dir.name not in kept
+        assert len(kept) == 1
+        assert not os.listdir(tmp_path)
+
+    async def test_other_sizes_and_owners_get_spares_of_their_own(
+        self, tmp_path: Path
+    ) -> None:
+        """A spare fits only a take of its size and owner."""
+        spares = Spares(tmp_path, prefix="t-spare", count=1)
+        spares.take(16 * MIB, uid=1000, gid=1000)
+        await spares.made()
+
+        other_size = spares.take(32 * MIB, uid=1000, gid=1000)
+        other_owner = spares.take(16 * MIB, uid=1001, gid=1001)
+        await spares.made()
+        await spares.close()
+
+        assert (other_size, other_owner) == (None, None)
 
 
 class TestWorkspaceFiles:
