@@ -390,18 +390,17 @@ class DockerRuntime:
     @traced("docker.running")
     async def running(self, container_id: str) -> bool:
         """True while Docker reports the container running."""
-        container = self.docker.containers.container(container_id)
-        try:
-            info = await self._call(container.show(), container_id=container_id)
-        except SandboxError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return bool(info["State"].get("Running"))
+        state = await self._state(container_id)
+        return bool(state and state.get("Running"))
 
     @traced("docker.init_pid")
     async def init_pid(self, container_id: str) -> int | None:
         """The node's pid of the container's init; None once it has stopped."""
+        state = await self._state(container_id)
+        return int(state.get("Pid") or 0) or None if state else None
+
+    async def _state(self, container_id: str) -> dict[str, Any] | None:
+        """The container's ``State``; None when it is gone."""
         container = self.docker.containers.container(container_id)
         try:
             info = await self._call(container.show(), container_id=container_id)
@@ -409,7 +408,7 @@ class DockerRuntime:
             if exc.status == 404:
                 return None
             raise
-        return int(info["State"].get("Pid") or 0) or None
+        return dict(info["State"])
 
     @traced("docker.kill")
     async def kill(self, container_id: str, signal: str) -> bool:
