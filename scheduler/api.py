@@ -199,7 +199,8 @@ def create_app(settings: FleetSettings) -> FastAPI:
         if first.get("type") == "json_invalid":
             loc = ()
         field = ".".join(str(p) for p in loc if p != "body")
-        message = f"{field or 'body'}: {first.get('msg', 'invalid request')}"
+        reason = str(first.get("msg", "invalid request"))
+        message = f"{field or 'body'}: {reason.removeprefix('Value error, ')}"
         return _error(InvalidRequest("invalid_request", message, field=field or None))
 
     @app.exception_handler(RedisError)

@@ -39,7 +39,9 @@ def parse_memory_bytes(value: object) -> int:
     Integers are taken as bytes. Raises ``ValueError`` for anything outside
     the grammar or below Docker's 6 MiB floor.
     """
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    if isinstance(value, bool):
+        raise ValueError(f"a boolean is not a memory size; expected {_MEMORY_FORMS}")
+    if not isinstance(value, int | str):
         raise ValueError(f"expected {_MEMORY_FORMS}")
     memory_bytes = value if isinstance(value, int) else _memory_string_bytes(value)
     if memory_bytes < MIN_MEMORY_BYTES:
@@ -78,7 +80,9 @@ def _shown(value: object) -> str:
 def parse_nano_cpus(value: object) -> int:
     """Return Docker's ``NanoCpus`` for a positive decimal CPU count."""
     forms = "a positive decimal number of CPUs such as 0.5, 1 or 2.25"
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if isinstance(value, bool):
+        raise ValueError(f"a boolean is not a CPU count; expected {forms}")
+    if not isinstance(value, int | float | str):
         raise ValueError(f"expected {forms}")
     try:
         cpus = Decimal(str(value).strip())
@@ -107,12 +111,12 @@ def parse_pids_limit(value: object) -> int:
     """
     forms = "a positive whole number of processes, or 'unlimited' (or -1)"
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a pids limit; expected {forms}")
+        raise ValueError(f"a boolean is not a pids limit; expected {forms}")
     if isinstance(value, str) and value.strip().lower() == "unlimited":
         return UNLIMITED_PIDS
     if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not isinstance(value, int):
         raise ValueError(f"{value!r} is not a pids limit; expected {forms}")
     if value == 0:
         raise ValueError(f"0 is ambiguous for a pids limit; expected {forms}")

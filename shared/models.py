@@ -6,10 +6,16 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from shared.errors import InvalidRequest
 from shared.limits import parse_memory_bytes, parse_nano_cpus, parse_pids_limit
+
+_LIMIT_PARSERS = {
+    "memory": ("memory_bytes", parse_memory_bytes),
+    "cpus": ("nano_cpus", parse_nano_cpus),
+    "pids": ("pids_limit", parse_pids_limit),
+}
 
 
 class SessionState(StrEnum):
@@ -50,19 +56,24 @@ class LimitsRequest(BaseModel):
     lifetime_s: int | None = Field(None, gt=0, strict=True)
     idle_timeout_s: int | None = Field(None, gt=0, strict=True)
 
+    @field_validator("memory", "cpus", "pids", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: object, info: ValidationInfo) -> object:
+        # JSON true would otherwise pass as the number 1 (one process, one
+        # CPU, one byte); the grammar's own parser says why it is refused.
+        if isinstance(value, bool):
+            _stored_as, parse = _LIMIT_PARSERS[str(info.field_name)]
+            parse(value)
+        return value
+
     def parsed(self) -> dict[str, int]:
         """Return the given limits in the units the profile stores.
 
         Raises:
             InvalidRequest: a limit is outside its grammar; names the field.
         """
-        parsers = {
-            "memory": ("memory_bytes", parse_memory_bytes),
-            "cpus": ("nano_cpus", parse_nano_cpus),
-            "pids": ("pids_limit", parse_pids_limit),
-        }
         parsed: dict[str, int] = {}
-        for name, (stored_as, parse) in parsers.items():
+        for name, (stored_as, parse) in _LIMIT_PARSERS.items():
             value = getattr(self, name)
             if value is None:
                 continue

@@ -13,8 +13,9 @@ import os
 import re
 import socket
 import tomllib
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -23,6 +24,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -47,8 +49,32 @@ _NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _is_number(annotation: Any) -> bool:
+    """True for ``int``, ``float`` and unions of them with None."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_is_number(arg) for arg in get_args(annotation))
+    return annotation in (int, float)
+
+
+def _refuse_booleans(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """Refuse ``true`` and ``false`` for a number: pydantic would read 1 and 0.
+
+    The environment gives strings, which a number field still parses, so
+    strict mode would refuse every override; booleans only come from TOML.
+    """
+    field = model.model_fields[str(info.field_name)]
+    if isinstance(value, bool) and _is_number(field.annotation):
+        raise ValueError("expected a number, not the boolean true or false")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_booleans(cls, value, info)
 
 
 class IoLimits(_Strict):
@@ -120,7 +146,10 @@ class NetworkPolicy(_Strict):
 
     mode: Literal["none", "egress"] = "none"
     allow: list[str] = Field(default_factory=list)
-    ports: list[int] = Field(default_factory=lambda: [80, 443])
+    # Strict, so that TOML true is not read as port 1.
+    ports: list[Annotated[int, Field(strict=True)]] = Field(
+        default_factory=lambda: [80, 443]
+    )
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -462,6 +491,11 @@ class FleetSettings(BaseSettings):
             )
         return version
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_booleans(cls, value, info)
+
     @field_validator("orgs", "operators", "profiles")
     @classmethod
     def _names(cls, table: dict[str, Any]) -> dict[str, Any]:
@@ -503,6 +537,7 @@ def load_settings(path: str | Path | None = None) -> FleetSettings:
     if path:
         source += " (and ACP_FLEET_* variables)"
     _refuse_private_keys(data, source=source)
+    _refuse_quoted_version(data, source=source)
     try:
         return FleetSettings(**data)
     except ValidationError as exc:
@@ -545,6 +580,22 @@ def _refuse_private_keys(data: dict[str, Any], *, source: str) -> None:
     if private:
         lines = [f"  {key}: is not a known setting" for key in private]
         raise ConfigError("\n".join([f"invalid settings in {source}:", *lines]))
+
+
+def _refuse_quoted_version(data: dict[str, Any], *, source: str) -> None:
+    """Refuse a ``config_version`` the file gives as anything but an integer.
+
+    The environment can only give a string, so the field itself stays lax;
+    a file has integers, and a quoted version there is a mistake.
+    """
+    version = data.get("config_version")
+    if version is None or (isinstance(version, int) and not isinstance(version, bool)):
+        return
+    reason = (
+        f"must be the integer {CONFIG_VERSION}, written without quotes "
+        f"(config_version = {CONFIG_VERSION}) (got {_cut(repr(version))})"
+    )
+    raise ConfigError(f"invalid settings in {source}:\n  config_version: {reason}")
 
 
 def _describe_environment_error(exc: SettingsError) -> str:

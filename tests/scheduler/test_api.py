@@ -287,6 +287,25 @@ class TestBadInput:
         assert error["message"]
         assert session_keys(api) == before
 
+    @pytest.mark.parametrize("name", ["memory", "cpus", "pids"])
+    def test_a_boolean_limit_is_refused_naming_it(
+        self, api: LocalFleet, name: str
+    ) -> None:
+        """true for a limit is a 422 naming the limit, never a limit of 1."""
+        before = session_keys(api)
+
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            json={"profile": "sh", "limits": {name: True}},
+            headers={"Authorization": f"Bearer {api.api_keys['delta']}"},
+        )
+
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == f"limits.{name}"
+        assert error["message"].startswith(f"limits.{name}: a boolean is not a")
+        assert session_keys(api) == before
+
     def test_an_unknown_session_id_is_not_found(self, api: LocalFleet) -> None:
         """A malformed session id is a 404, not a 500."""
         response = httpx.get(

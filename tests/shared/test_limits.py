@@ -50,10 +50,16 @@ class TestParseMemoryBytes:
 
         assert len(str(refused.value)) < 400
 
-    @pytest.mark.parametrize("value", [True, 1.5, None])
+    @pytest.mark.parametrize("value", [1.5, None])
     def test_other_types(self, value: object) -> None:
-        """A bool, float or None is not a memory size."""
+        """A float or None is not a memory size."""
         with pytest.raises(ValueError, match=r"^expected a size such as 512m"):
+            parse_memory_bytes(value)
+
+    @pytest.mark.parametrize("value", [True, False])
+    def test_booleans_refused(self, value: bool) -> None:
+        """A boolean is refused as one, not taken as 1 or 0 bytes."""
+        with pytest.raises(ValueError, match=r"^a boolean is not a memory size"):
             parse_memory_bytes(value)
 
 
@@ -74,6 +80,12 @@ class TestParseNanoCpus:
     def test_refused(self, value: object) -> None:
         """Zero, negatives, non-numbers, NaN and infinity are refused."""
         with pytest.raises(ValueError, match="positive decimal number of CPUs"):
+            parse_nano_cpus(value)
+
+    @pytest.mark.parametrize("value", [True, False])
+    def test_booleans_refused(self, value: bool) -> None:
+        """A boolean is refused as one, not taken as 1 CPU or none."""
+        with pytest.raises(ValueError, match=r"^a boolean is not a CPU count"):
             parse_nano_cpus(value)
 
     @pytest.mark.parametrize("value", ["8193", 1e300, "1e999999999", "1e99999"])
@@ -111,4 +123,10 @@ class TestParsePidsLimit:
     def test_other_values_refused(self, value: object) -> None:
         """Other negatives and non-integers are refused."""
         with pytest.raises(ValueError, match="positive whole number of processes"):
+            parse_pids_limit(value)
+
+    @pytest.mark.parametrize("value", [True, False])
+    def test_booleans_refused(self, value: bool) -> None:
+        """A boolean is refused as one, not taken as a limit of 1 process."""
+        with pytest.raises(ValueError, match=r"^a boolean is not a pids limit"):
             parse_pids_limit(value)

@@ -88,6 +88,72 @@ class TestLoadSettings:
 
         assert "config_version: version 2 is not supported; accepted: 1" in message
 
+    def test_quoted_version_is_refused(self, tmp_path: Path) -> None:
+        """config_version "1", a string in the file, is refused as one."""
+        path = write_config(tmp_path, HEADER.replace("= 1", '= "1"', 1))
+
+        message = load_error(path)
+
+        assert (
+            "config_version: must be the integer 1, written without quotes" in message
+        )
+        assert "(got '1')" in message
+
+    def test_version_from_environment_is_read(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """ACP_FLEET_CONFIG_VERSION=1, a string as every variable, is accepted."""
+        monkeypatch.setenv("ACP_FLEET_CONFIG_VERSION", "1")
+        monkeypatch.setenv("ACP_FLEET_TOKEN_SECRET", NEVER_SHOWN)
+
+        assert load_settings().config_version == 1
+
+    @pytest.mark.parametrize(
+        ("text", "field"),
+        [
+            ("config_version = true\n", "config_version"),
+            ("[worker]\nmax_sessions = true\n", "worker.max_sessions"),
+            ("[worker]\neof_grace_s = true\n", "worker.eof_grace_s"),
+            ("[scheduler]\nport = false\n", "scheduler.port"),
+            (PROFILE.format(memory="1g", pids="true"), "profiles.coder.limits.pids"),
+            (
+                PROFILE.format(memory="1g", pids=64) + "nofile = true\n",
+                "profiles.coder.limits.nofile",
+            ),
+            (
+                PROFILE.format(memory="1g", pids=64)
+                + "[profiles.coder.pool]\nsize = true\n",
+                "profiles.coder.pool.size",
+            ),
+        ],
+    )
+    def test_booleans_are_not_numbers(
+        self, tmp_path: Path, text: str, field: str
+    ) -> None:
+        """true or false for a number is refused naming the field, never read as 1."""
+        header = (
+            HEADER.replace("config_version = 1\n", "") if "version" in text else HEADER
+        )
+        path = write_config(tmp_path, header + text)
+
+        message = load_error(path)
+
+        assert f"  {field}: " in message
+        assert "boolean" in message
+
+    def test_boolean_port_in_a_list_is_refused(self, tmp_path: Path) -> None:
+        """An egress port given as true is refused, not taken as port 1."""
+        text = (
+            PROFILE.format(memory="1g", pids=64)
+            + '[profiles.coder.network]\nmode = "egress"\nallow = ["pypi.org"]\n'
+            + "ports = [true]\n"
+        )
+        path = write_config(tmp_path, HEADER + text)
+
+        message = load_error(path)
+
+        assert "profiles.coder.network.ports.0: " in message
+
     def test_invalid_profile_memory(self, tmp_path: Path) -> None:
         """A bad memory size is refused naming its path and the accepted forms."""
         path = write_config(tmp_path, HEADER + PROFILE.format(memory="10x", pids=64))
