@@ -16,6 +16,7 @@ import tomllib
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -34,6 +35,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 from pydantic_settings.exceptions import SettingsError
+from redis.connection import parse_url
 
 from shared.allowlist import is_ip_literal, normalise_host, parse_host_pattern
 from shared.errors import ConfigError
@@ -369,6 +371,11 @@ class WorkerConfig(_Strict):
     metrics_host: str = "127.0.0.1"
     egress: EgressConfig = Field(default_factory=lambda: EgressConfig())
 
+    @field_validator("docker_url")
+    @classmethod
+    def _docker_url(cls, url: str) -> str:
+        return _engine_address(url)
+
     @field_validator("workspace_root")
     @classmethod
     def _absolute_root(cls, path: str) -> str:
@@ -434,12 +441,43 @@ class DockerProxyConfig(_Strict):
     @field_validator("upstream_url")
     @classmethod
     def _engine_url(cls, url: str) -> str:
-        if not re.fullmatch(r"unix:///\S+|(tcp|http)://[^/\s]+:\d+/?", url):
-            raise ValueError(
-                f"{url!r} is not an Engine address; accepted: unix:///path or "
-                "tcp://host:port"
-            )
-        return url
+        return _engine_address(url)
+
+
+def _engine_address(url: str) -> str:
+    """Refuse a Docker Engine address that the Docker client cannot dial."""
+    if not re.fullmatch(r"unix:///\S+|(tcp|http)://[^/\s]+:\d+/?", url):
+        raise ValueError(
+            f"{url!r} is not an Engine address; accepted: unix:///path or "
+            "tcp://host:port"
+        )
+    return url
+
+
+_REDIS_FORMS = (
+    "accepted: redis://[[user]:password@]host[:port][/db], the same with "
+    "rediss:// for TLS, or unix:///path/to/redis.sock[?db=N]"
+)
+
+
+def _redis_address(url: str) -> str:
+    """Refuse a Redis URL that redis-py and arq would fail on at start-up.
+
+    The URL is never echoed: it may hold the password.
+    """
+    split = urlsplit(url)
+    if split.scheme not in ("redis", "rediss", "unix"):
+        scheme = f"scheme {split.scheme}://" if split.scheme else "no scheme"
+        raise ValueError(f"the URL has {scheme}; {_REDIS_FORMS}")
+    if split.scheme == "unix" and not split.path.startswith("/"):
+        raise ValueError(f"a unix:// URL needs the socket's path; {_REDIS_FORMS}")
+    if split.scheme != "unix" and not re.fullmatch(r"/?\d*", split.path):
+        raise ValueError(f"the database must be a number; {_REDIS_FORMS}")
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ValueError(f"{str(exc).rstrip('.')}; {_REDIS_FORMS}") from None
+    return url
 
 
 def _is_one_host_name(name: str) -> bool:
@@ -495,6 +533,11 @@ class FleetSettings(BaseSettings):
     @classmethod
     def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
         return _refuse_booleans(cls, value, info)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        return _redis_address(url)
 
     @field_validator("orgs", "operators", "profiles")
     @classmethod
@@ -613,7 +656,8 @@ def _describe_environment_error(exc: SettingsError) -> str:
     )
 
 
-_SECRET_WORDS = ("secret", "key", "env", "token")
+# A Redis URL may carry its password.
+_SECRET_WORDS = ("secret", "key", "env", "token", "redis_url")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 

@@ -268,7 +268,12 @@ class DockerRuntime:
             connector = aiohttp.TCPConnector(limit=0)
             base = self.url
         self._docker = aiodocker.Docker(url=base, connector=connector)
-        version = await self._call(self.docker.version())
+        try:
+            version = await self._call(self.docker.version())
+        except SandboxError:
+            # Nothing else will close the client of an Engine never reached.
+            await self.close()
+            raise
         self._api_version = "v" + str(version["ApiVersion"])
 
     @property
@@ -506,6 +511,10 @@ class DockerRuntime:
         except aiodocker.DockerError as exc:
             _count_error(exc)
             message = exc.message if isinstance(exc.message, str) else str(exc)
+            if exc.status == _NOT_CONNECTED:
+                # aiodocker names the placeholder host it dials a unix
+                # socket by, not the address the operator configured.
+                message = f"Docker Engine unreachable at {self.url}: {_reason(exc)}"
             raise SandboxError(
                 message, status=exc.status, container_id=container_id
             ) from exc
@@ -540,6 +549,14 @@ def _causes(exc: BaseException) -> list[BaseException]:
             chain.append(os_error)
         link = link.__cause__ or link.__context__
     return chain
+
+
+def _reason(exc: BaseException) -> str:
+    """The socket error behind a failed connection, in the system's words."""
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    return str(exc)
 
 
 def _count_error(exc: BaseException) -> None:

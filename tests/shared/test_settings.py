@@ -154,6 +154,51 @@ class TestLoadSettings:
 
         assert "profiles.coder.network.ports.0: " in message
 
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "redis://127.0.0.1:6379/0",
+            "redis://:pw@redis",
+            "rediss://user:pw@redis.example:6380/2",
+            "unix:///run/redis/redis.sock?db=1",
+        ],
+    )
+    def test_redis_urls_of_each_scheme_are_read(self, tmp_path: Path, url: str) -> None:
+        """redis://, rediss:// and unix:// URLs are accepted as given."""
+        path = write_config(tmp_path, HEADER + f'redis_url = "{url}"\n')
+
+        assert load_settings(path).redis_url == url
+
+    @pytest.mark.parametrize(
+        ("url", "reason"),
+        [
+            ("notaurl", "the URL has no scheme"),
+            ("http://redis:6379", "the URL has scheme http://"),
+            ("unix://", "a unix:// URL needs the socket's path"),
+            ("redis://redis/zero", "the database must be a number"),
+            ("redis://redis:port", "Port could not be cast to integer"),
+        ],
+    )
+    def test_bad_redis_urls_name_the_field_and_forms(
+        self, tmp_path: Path, url: str, reason: str
+    ) -> None:
+        """A Redis URL redis-py cannot use is refused naming the accepted forms."""
+        path = write_config(tmp_path, HEADER + f'redis_url = "{url}"\n')
+
+        message = load_error(path)
+
+        assert f"  redis_url: {reason}" in message
+        assert "accepted: redis://" in message
+        assert "(got " not in message
+
+    def test_bad_docker_url_names_the_field(self, tmp_path: Path) -> None:
+        """A worker.docker_url that is no Engine address names the accepted forms."""
+        path = write_config(tmp_path, HEADER + '[worker]\ndocker_url = "npipe:x"\n')
+
+        message = load_error(path)
+
+        assert "  worker.docker_url: 'npipe:x' is not an Engine address" in message
+
     def test_invalid_profile_memory(self, tmp_path: Path) -> None:
         """A bad memory size is refused naming its path and the accepted forms."""
         path = write_config(tmp_path, HEADER + PROFILE.format(memory="10x", pids=64))

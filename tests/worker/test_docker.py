@@ -6,9 +6,11 @@ import asyncio
 import secrets
 import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from shared.errors import SandboxError
 from shared.settings import AgentProfile
 from tests.sandboxes import BUSYBOX_IMAGE, busybox_profile
 from worker.docker import DockerRuntime, SandboxSpec, container_config, seccomp_profile
@@ -63,3 +65,20 @@ class TestCreate:
         assert containers_named(prefix) == []
         # Some cancels must have landed before the create finished.
         assert created < len(CANCEL_AFTER_S)
+
+
+class TestOpen:
+    async def test_an_engine_never_reached_is_named_by_its_url(
+        self, tmp_path: Path
+    ) -> None:
+        """A socket with no Engine behind it is reported at the configured URL."""
+        url = f"unix://{tmp_path}/no-engine.sock"
+        runtime = DockerRuntime(url)
+
+        with pytest.raises(SandboxError) as refused:
+            await runtime.open()
+
+        assert str(refused.value) == (
+            f"Docker Engine unreachable at {url}: No such file or directory"
+        )
+        assert "localhost" not in str(refused.value)
