@@ -215,10 +215,10 @@ def create_app(settings: FleetSettings) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Routing and body-parsing errors speak the API's error format too.
         if exc.status_code == 400:
-            # FastAPI's answer to a body that is not even text (bytes that
-            # are not UTF-8); it is malformed input like any broken JSON.
-            message = f"body: {exc.detail}"
-            return _error(InvalidRequest("invalid_request", message))
+            # FastAPI's answer to a body it could not parse, whatever the
+            # reason; the reason is its cause. It is malformed input like
+            # any broken JSON.
+            return _error(_unparsed_body(exc))
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         body = {"code": code, "message": str(exc.detail)}
         return JSONResponse({"error": body}, status_code=exc.status_code)
@@ -235,6 +235,26 @@ def create_app(settings: FleetSettings) -> FastAPI:
         BodyLimit, upload_max_bytes=settings.scheduler.workspace_upload_max_bytes
     )
     return app
+
+
+def _unparsed_body(exc: StarletteHTTPException) -> InvalidRequest:
+    """Say why FastAPI could not parse a body, from the error behind it."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        # Python's JSON parser recurses once per array or object level.
+        return InvalidRequest(
+            "body_too_deep",
+            "body: the JSON is nested too deeply to parse (Python's parser "
+            "stops near a thousand levels); no body of this API nests deeper "
+            "than three.",
+        )
+    if isinstance(cause, UnicodeDecodeError):
+        return InvalidRequest(
+            "invalid_request",
+            f"body: is not UTF-8 text (byte {cause.start} cannot be decoded); "
+            "send JSON encoded as UTF-8.",
+        )
+    return InvalidRequest("invalid_request", f"body: {exc.detail}")
 
 
 async def _sweep_lapsed(fleet: Fleet) -> None:

@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 1024 * 1024
 
 
-class BodyTooLarge(Exception):
-    """The request body grew past the bound while it was being read."""
+class BodyTooLarge(HTTPException):
+    """The request body grew past the bound while it was being read.
+
+    An HTTP exception, because FastAPI turns any other error met while it
+    reads a body into its generic 400; this one reaches the app's handler,
+    which answers 413 ``body_too_large`` as a declared length is answered.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, _too_large_message(max_bytes))
+
+
+def _too_large_message(max_bytes: int) -> str:
+    return f"Request bodies are limited to {max_bytes} bytes."
 
 
 class BodyLimit:
@@ -52,7 +65,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > max_bytes:
-                raise BodyTooLarge
+                raise BodyTooLarge(max_bytes)
             return message
 
         async def tracked(message: Message) -> None:
@@ -71,7 +84,7 @@ class BodyLimit:
             {
                 "error": {
                     "code": "body_too_large",
-                    "message": f"Request bodies are limited to {max_bytes} bytes.",
+                    "message": _too_large_message(max_bytes),
                 }
             }
         ).encode()

@@ -335,6 +335,69 @@ class TestLimitsOfInput:
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "body_too_large"
 
+    def test_a_huge_chunked_body_is_refused_as_too_large(self, api: LocalFleet) -> None:
+        """A body over 1 MiB with no Content-Length gets 413 body_too_large."""
+        before = session_keys(api)
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"profile": "sh", "env": {"FOO": "'
+            for _ in range(32):
+                yield b"a" * 65536
+            yield b'"}}'
+
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            content=chunks(),
+            headers={
+                "Authorization": f"Bearer {api.api_keys['delta']}",
+                "Content-Type": "application/json",
+            },
+        )
+
+        assert response.status_code == 413, response.text
+        assert response.json()["error"] == {
+            "code": "body_too_large",
+            "message": "Request bodies are limited to 1048576 bytes.",
+        }
+        assert session_keys(api) == before
+
+    @pytest.mark.parametrize("depth", [1_000, 100_000])
+    def test_deeply_nested_json_is_refused_as_too_deep(
+        self, api: LocalFleet, depth: int
+    ) -> None:
+        """JSON nested past the parser's depth is a 422 body_too_deep."""
+        body = b'{"profile": "sh", "env": ' + b"[" * depth + b"]" * depth + b"}"
+
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            content=body,
+            headers={
+                "Authorization": f"Bearer {api.api_keys['delta']}",
+                "Content-Type": "application/json",
+            },
+        )
+
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "body_too_deep"
+        assert error["message"].startswith("body: the JSON is nested too deeply")
+
+    def test_a_body_that_is_not_utf8_says_so(self, api: LocalFleet) -> None:
+        """Bytes that are not UTF-8 are a 422 saying where decoding failed."""
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            content=b'{"profile": "\xff"}',
+            headers={
+                "Authorization": f"Bearer {api.api_keys['delta']}",
+                "Content-Type": "application/json",
+            },
+        )
+
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_request"
+        assert error["message"].startswith("body: is not UTF-8 text (byte 13")
+
     def test_a_wrong_method_speaks_the_error_format(self, api: LocalFleet) -> None:
         """A 405 carries a machine-readable code like every other error."""
         response = httpx.put(f"{api.url}/v1/sessions")
