@@ -176,7 +176,7 @@ def _add_top_command(commands: Any) -> None:
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument(
         "--sessions",
-        type=int,
+        type=_positive_count,
         default=20,
         metavar="N",
         help="list at most N running sessions (default: %(default)s)",
@@ -192,6 +192,20 @@ def _positive_seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(
             f"expected a positive number of seconds, such as 0.5 or 2, not {text!r}"
+        )
+    return value
+
+
+def _positive_count(text: str) -> int:
+    # Zero or fewer would ask the API for no sessions and then show
+    # "no sessions running" while sessions run.
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive whole number, such as 20, not {text!r}"
         )
     return value
 
@@ -416,7 +430,7 @@ def _run_top(args: argparse.Namespace) -> int:
                 key,
                 once=args.once,
                 interval_s=args.interval_s,
-                sessions_limit=max(0, min(args.sessions, 1000)),
+                sessions_limit=min(args.sessions, 1000),
             )
         )
     except ApiError as exc:

@@ -583,3 +583,15 @@ class TestTopCommandAlone:
 
         assert done.returncode == 2
         assert b"expected a positive number of seconds" in done.stderr
+
+    @pytest.mark.parametrize("count", ["0", "-1", "many", "2.5"])
+    def test_a_session_count_that_is_not_positive_is_refused(self, count: str) -> None:
+        """--sessions takes a positive whole number and names the flag."""
+        env = {**os.environ, "ACP_FLEET_OPERATOR_KEY": "afo_x"}
+
+        done = cli("top", "--once", "--sessions", count, env=env)
+
+        assert done.returncode == 2
+        stderr = done.stderr.decode()
+        assert "argument --sessions: expected a positive whole number" in stderr
+        assert done.stdout == b""
