@@ -26,6 +26,7 @@ from scheduler.auth import Authenticator, Principal, require_session
 from scheduler.gateway import (
     CLIENT_SEEN_INTERVAL_S,
     CLOSE_BAD_REQUEST,
+    CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHORIZED,
     relay,
@@ -36,6 +37,7 @@ from scheduler.workspace import check_archive, read_body
 from shared.errors import (
     AdmissionRefused,
     Conflict,
+    Forbidden,
     InvalidRequest,
     NotFound,
     RequestRefused,
@@ -78,7 +80,8 @@ _HTTP_CODES = {
 }
 _NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 _REFUSALS = {
-    401: "No credential, or one that does not grant this.",
+    401: "No credential, or one that is unknown or expired.",
+    403: "A valid credential of a kind that does not grant this.",
     404: "No such session or node for this caller.",
     409: "The session's state does not allow this.",
     413: "The body is larger than its bound.",
@@ -114,7 +117,7 @@ def _refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # What every route that checks a credential against Redis can refuse;
 # declaring 422 also replaces FastAPI's default validation schema, whose
 # body this API never sends.
-_GUARDED = (401, 422, 503)
+_GUARDED = (401, 403, 422, 503)
 
 
 def _error(exc: RequestRefused) -> JSONResponse:
@@ -601,6 +604,9 @@ def _stdio_route(app: FastAPI) -> None:
             await _check_cursor(fleet.store, session_id, start)
         except Unauthorized as exc:
             await _refuse(ws, CLOSE_UNAUTHORIZED, exc.code, exc.message)
+            return
+        except Forbidden as exc:
+            await _refuse(ws, CLOSE_FORBIDDEN, exc.code, exc.message)
             return
         except NotFound as exc:
             await _refuse(ws, CLOSE_NOT_FOUND, exc.code, exc.message)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from shared.errors import NotFound, Unauthorized
+from shared.errors import Forbidden, NotFound, Unauthorized
 from shared.settings import FleetSettings
 
 _ALGORITHM = "HS256"
@@ -53,31 +53,54 @@ class Authenticator:
         self._secret = settings.token_secret.get_secret_value()
         self.token_ttl_s = settings.scheduler.token_ttl_s
 
-    def org_for_key(self, api_key: str | None) -> str:
+    def org_for_key(self, credential: str | None) -> str:
         """Return the organisation of an API key.
 
         Raises:
-            Unauthorized: the key is missing or unknown.
+            Forbidden: the credential is an operator key or a session token,
+                neither of which acts for an organisation.
+            Unauthorized: the credential is missing or unknown.
         """
-        return _holder(
-            self._orgs_by_digest,
-            api_key,
-            "invalid_credentials",
-            "The API key is missing or unknown",
-        )
+        digest = key_digest(credential) if credential else None
+        if digest in self._orgs_by_digest:
+            return self._orgs_by_digest[digest]
+        if digest in self._operators_by_digest:
+            raise Forbidden(
+                "org_key_required",
+                "Operator keys do not act for an organisation; this call "
+                "needs the organisation's API key.",
+            )
+        if credential and credential.count(".") == 2:
+            self._token_principal(credential)
+            raise Forbidden(
+                "org_key_required",
+                "A session token grants its one session only; this call needs "
+                "the organisation's API key.",
+            )
+        raise _unknown("invalid_credentials", "The API key is missing or unknown")
 
-    def operator_for_key(self, api_key: str | None) -> str:
+    def operator_for_key(self, credential: str | None) -> str:
         """Return the operator of an API key.
 
         Raises:
-            Unauthorized: the key is missing or is no operator's.
+            Forbidden: the credential is valid, but an organisation's key or
+                a session token.
+            Unauthorized: the credential is missing or unknown.
         """
-        return _holder(
-            self._operators_by_digest,
-            api_key,
-            "operator_required",
-            "This call needs an operator key",
-        )
+        digest = key_digest(credential) if credential else None
+        if digest in self._operators_by_digest:
+            return self._operators_by_digest[digest]
+        known = digest in self._orgs_by_digest
+        if not known and credential and credential.count(".") == 2:
+            self._token_principal(credential)
+            known = True
+        if known:
+            raise Forbidden(
+                "operator_required",
+                "This call needs an operator key; organisation keys and "
+                "session tokens do not grant it.",
+            )
+        raise _unknown("operator_required", "This call needs an operator key")
 
     def is_operator(self, credential: str | None) -> bool:
         """True when ``credential`` is an operator's key."""
@@ -135,12 +158,9 @@ class Authenticator:
         return Principal(org=str(claims["org"]), session_id=str(claims["sub"]))
 
 
-def _holder(holders: dict[str, str], api_key: str | None, code: str, why: str) -> str:
-    """Return whose key ``api_key`` is, by its digest, or refuse with ``code``."""
-    holder = holders.get(key_digest(api_key)) if api_key else None
-    if holder is None:
-        raise Unauthorized(code, f"{why}; send it as 'Authorization: Bearer <key>'.")
-    return holder
+def _unknown(code: str, why: str) -> Unauthorized:
+    """The refusal of a missing or unknown credential, saying how to send one."""
+    return Unauthorized(code, f"{why}; send it as 'Authorization: Bearer <key>'.")
 
 
 def require_session(

@@ -29,6 +29,7 @@ STDIN_RETRY_S = 0.02
 
 # Close codes in the range reserved for applications.
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
 

@@ -7,6 +7,7 @@
     ├── RequestRefused         a client request is refused (carries an HTTP status)
     │   ├── InvalidRequest     malformed or out-of-range input (422)
     │   ├── Unauthorized       no valid credential (401)
+    │   ├── Forbidden          a valid credential that does not grant this (403)
     │   ├── NotFound           unknown session or profile, or not the caller's (404)
     │   ├── Conflict           the session is not in a state that allows it (409)
     │   ├── TooLarge           an upload is larger than allowed (413)
@@ -52,6 +53,12 @@ class Unauthorized(RequestRefused):
     """The request carries no credential that grants what it asks."""
 
     status = 401
+
+
+class Forbidden(RequestRefused):
+    """The credential is valid but of a kind that does not grant the call."""
+
+    status = 403
 
 
 class NotFound(RequestRefused):

@@ -63,7 +63,7 @@ class TestOrgIsolation:
         async with FleetClient(fleet.url, created["token"]) as holder:
             with pytest.raises(ApiError) as refused:
                 await holder.sessions()
-        assert refused.value.status == 401
+        assert (refused.value.status, refused.value.code) == (403, "org_key_required")
 
 
 class TestAuditTrail:

@@ -8,7 +8,7 @@ import jwt
 import pytest
 
 from scheduler.auth import Authenticator, Principal, key_digest, require_session
-from shared.errors import NotFound, Unauthorized
+from shared.errors import Forbidden, NotFound, Unauthorized
 from shared.settings import FleetSettings
 
 SECRET = "x" * 32
@@ -17,7 +17,8 @@ AUDIENCE = "acp-fleet/session"
 
 @pytest.fixture
 def auth() -> Authenticator:
-    """An authenticator for two orgs, acme (key k1) and beta (key k2)."""
+    """An authenticator for two orgs, acme (key k1) and beta (key k2), and
+    one operator, ops (key o1)."""
     settings = FleetSettings.model_validate(
         {
             "config_version": 1,
@@ -34,6 +35,7 @@ def auth() -> Authenticator:
                     "sessions_per_minute": 5,
                 },
             },
+            "operators": {"ops": {"key_sha256": key_digest("o1")}},
         }
     )
     return Authenticator(settings)
@@ -121,6 +123,62 @@ class TestAuthenticator:
         token = jwt.encode(claims, None, algorithm="none")
 
         assert refusal(auth, token).code == "invalid_token"
+
+
+class TestKindsOfCredential:
+    """A known credential of the wrong kind is 403; an unknown one is 401."""
+
+    def test_an_operator_key_does_not_act_for_an_org(self, auth: Authenticator) -> None:
+        """An operator key where an org key is needed is 403 org_key_required."""
+        with pytest.raises(Forbidden) as caught:
+            auth.principal("o1")
+
+        assert (caught.value.status, caught.value.code) == (403, "org_key_required")
+        assert caught.value.message.startswith(
+            "Operator keys do not act for an organisation"
+        )
+
+    def test_a_session_token_does_not_act_for_its_org(
+        self, auth: Authenticator
+    ) -> None:
+        """A valid session token where an org key is needed is 403."""
+        token, _ = auth.mint("sess-a", "acme")
+
+        with pytest.raises(Forbidden) as caught:
+            auth.org_for_key(token)
+
+        assert (caught.value.status, caught.value.code) == (403, "org_key_required")
+
+    @pytest.mark.parametrize("key", ["k1", "k2"])
+    def test_an_org_key_is_no_operator_key(self, auth: Authenticator, key: str) -> None:
+        """An org key on an operator call is 403 operator_required."""
+        with pytest.raises(Forbidden) as caught:
+            auth.operator_for_key(key)
+
+        assert (caught.value.status, caught.value.code) == (403, "operator_required")
+
+    def test_a_session_token_is_no_operator_key(self, auth: Authenticator) -> None:
+        """A valid session token on an operator call is 403 operator_required."""
+        token, _ = auth.mint("sess-a", "acme")
+
+        with pytest.raises(Forbidden) as caught:
+            auth.operator_for_key(token)
+
+        assert caught.value.status == 403
+
+    @pytest.mark.parametrize("key", ["o2", "", None, key_digest("o1")])
+    def test_an_unknown_key_on_an_operator_call_is_401(
+        self, auth: Authenticator, key: str | None
+    ) -> None:
+        """A missing or unknown key on an operator call is 401 operator_required."""
+        with pytest.raises(Unauthorized) as caught:
+            auth.operator_for_key(key)
+
+        assert (caught.value.status, caught.value.code) == (401, "operator_required")
+
+    def test_an_operator_key_is_its_operator(self, auth: Authenticator) -> None:
+        """An operator's own key names that operator."""
+        assert auth.operator_for_key("o1") == "ops"
 
 
 class TestRequireSession:

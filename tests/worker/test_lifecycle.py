@@ -338,9 +338,9 @@ class TestOperators:
             listing = await http.get("/v1/fleet")
             drain = await http.post("/v1/nodes/any/drain")
 
-        assert listing.status_code == 401
+        assert listing.status_code == 403
         assert listing.json()["error"]["code"] == "operator_required"
-        assert drain.status_code == 401
+        assert drain.status_code == 403
 
     async def test_draining_an_unknown_node_is_refused(
         self, short_fleet: LocalFleet
