@@ -11,6 +11,7 @@ import json
 import math
 import time
 import uuid
+from decimal import Decimal
 
 import structlog
 from arq.connections import ArqRedis
@@ -20,6 +21,7 @@ from arq.utils import timestamp_ms
 
 from scheduler.auth import Authenticator
 from shared.errors import AdmissionRefused, InvalidRequest
+from shared.limits import MIB
 from shared.models import CreateSession, SessionCreated, SessionState
 from shared.settings import AgentProfile, FleetSettings
 from shared.store import QueuedJob, Quota, SessionStore
@@ -229,11 +231,23 @@ def _narrow(profile: AgentProfile, request: CreateSession) -> dict[str, int]:
             field = f"limits.{_LIMIT_NAMES[name]}"
             raise InvalidRequest(
                 "limit_exceeds_profile",
-                f"{field} asks for more than the profile allows ({value} > {cap}).",
+                f"{field}: {_shown(name, value)} is wider than the profile's "
+                f"{_shown(name, cap)}; a session may only narrow its limits.",
                 field=field,
             )
 
     return asked
+
+
+def _shown(name: str, value: int) -> str:
+    """A limit in the words a request gives it, not Docker's units."""
+    if name == "pids_limit":
+        return "unlimited" if value < 0 else f"{value} processes"
+    if name == "nano_cpus":
+        return f"{Decimal(value) / 1_000_000_000:f} CPUs"
+    if name == "memory_bytes":
+        return f"{value // MIB} MiB" if value % MIB == 0 else f"{value} bytes"
+    return f"{value} s"
 
 
 def _wider(name: str, value: int, cap: int) -> bool:

@@ -7,6 +7,7 @@ and every quota slot they take stays counted.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ import httpx
 import jwt
 import pytest
 from redis import Redis
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from scheduler.client import ApiError, FleetClient
 from shared.keys import Keys
@@ -163,6 +166,65 @@ class TestAuthentication:
 
         assert response.status_code == 401
 
+    def test_an_operator_key_does_not_act_for_an_org(self, api: LocalFleet) -> None:
+        """An operator key listing sessions is 403 org_key_required, saying why."""
+        response = httpx.get(
+            f"{api.url}/v1/sessions",
+            headers={"Authorization": f"Bearer {api.operator_key}"},
+        )
+
+        assert response.status_code == 403, response.text
+        error = response.json()["error"]
+        assert error["code"] == "org_key_required"
+        assert error["message"].startswith(
+            "Operator keys do not act for an organisation"
+        )
+
+    @pytest.mark.parametrize(
+        ("method", "path"), [("GET", "/v1/fleet"), ("POST", "/v1/nodes/n1/drain")]
+    )
+    def test_an_org_key_on_an_operator_call_is_forbidden(
+        self, api: LocalFleet, method: str, path: str
+    ) -> None:
+        """A valid org key on an operator endpoint is 403, not 401."""
+        response = httpx.request(
+            method,
+            f"{api.url}{path}",
+            headers={"Authorization": f"Bearer {api.api_keys['delta']}"},
+        )
+
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == "operator_required"
+        assert "www-authenticate" not in response.headers
+
+    def test_an_unknown_key_on_an_operator_call_is_unauthorized(
+        self, api: LocalFleet
+    ) -> None:
+        """An unknown key on an operator endpoint stays 401 with a challenge."""
+        response = httpx.get(
+            f"{api.url}/v1/fleet", headers={"Authorization": "Bearer not-a-key"}
+        )
+
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "operator_required"
+        assert response.headers["www-authenticate"] == "Bearer"
+
+    async def test_an_operator_key_on_stdio_closes_forbidden(
+        self, api: LocalFleet
+    ) -> None:
+        """The stdio WebSocket refuses an operator key with an error and 4403."""
+        url = api.url.replace("http", "ws") + f"/v1/sessions/{'0' * 32}/stdio"
+        headers = {"Authorization": f"Bearer {api.operator_key}"}
+
+        async with connect(url, additional_headers=headers) as ws:
+            refusal = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+
+        assert refusal["code"] == "org_key_required"
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4403
+
     async def test_another_orgs_key_gets_nothing(self, api: LocalFleet) -> None:
         """Another org can neither read, cancel nor attach to a session."""
         async with FleetClient(api.url, api.api_keys["delta"]) as owner:
@@ -286,6 +348,35 @@ class TestBadInput:
         assert error["code"] == code
         assert error["message"]
         assert session_keys(api) == before
+
+    @pytest.mark.parametrize(
+        ("limits", "message"),
+        [
+            (
+                {"pids": "unlimited"},
+                "limits.pids: unlimited is wider than the profile's 64 processes",
+            ),
+            ({"cpus": 3}, "limits.cpus: 3 CPUs is wider than the profile's 1 CPUs"),
+            (
+                {"memory": "1g"},
+                "limits.memory: 1024 MiB is wider than the profile's 64 MiB",
+            ),
+        ],
+    )
+    def test_a_limit_wider_than_the_profile_says_so_in_its_words(
+        self, api: LocalFleet, limits: dict[str, object], message: str
+    ) -> None:
+        """A limit over the profile's is named as asked, never as Docker's -1."""
+        response = httpx.post(
+            f"{api.url}/v1/sessions",
+            json={"profile": "sh", "limits": limits},
+            headers={"Authorization": f"Bearer {api.api_keys['delta']}"},
+        )
+
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "limit_exceeds_profile"
+        assert error["message"].startswith(message)
 
     @pytest.mark.parametrize("name", ["memory", "cpus", "pids"])
     def test_a_boolean_limit_is_refused_naming_it(
