@@ -118,6 +118,12 @@ async def _stdin(
         await _refuse_message(
             ws, "session_ended", "The session has ended; its agent reads no stdin."
         )
+    elif pending == -3:
+        await _refuse_message(
+            ws,
+            "stdin_closed",
+            'Stdin was closed by {"type": "eof"}; the agent reads no more of it.',
+        )
 
 
 async def _control(

@@ -276,10 +276,16 @@ return {id, total - acked}
 # Appends client-to-agent data while the session has not ended and the
 # worker has not fallen more than max_pending_bytes behind.
 # Returns the bytes now pending, -1 when the session has ended (or never
-# existed), -2 when the pending bytes are at their bound.
+# existed), -2 when the pending bytes are at their bound, -3 for data after
+# an eof: the worker stops reading the stream at eof, so the data would
+# never reach the agent and its bytes would stay pending for good.
 STDIN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'ended' then return -1 end
+if ARGV[1] == 'd' and redis.call('HEXISTS', KEYS[1], 'stdin_eof') == 1 then
+  return -3
+end
+if ARGV[1] == 'eof' then redis.call('HSET', KEYS[1], 'stdin_eof', '1') end
 local pending = tonumber(redis.call('HGET', KEYS[1], 'in_pending_bytes') or '0')
 if ARGV[1] == 'd' and pending + #ARGV[2] > tonumber(ARGV[3]) and pending > 0 then
   return -2

@@ -382,7 +382,8 @@ class SessionStore:
         Returns:
             The stdin bytes the worker has not consumed yet; -1 when the
             session has ended; -2 when that backlog is full and nothing was
-            written (try again once the worker has caught up).
+            written (try again once the worker has caught up); -3 when data
+            follows an ``eof`` and nothing was written.
         """
         k = self.keys
         reply = await self._stdin(

@@ -225,6 +225,25 @@ class TestAuthentication:
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 4403
 
+    async def test_stdin_after_eof_is_answered_stdin_closed(
+        self, api: LocalFleet
+    ) -> None:
+        """Bytes sent after {"type": "eof"} get an error frame, not silence."""
+        async with FleetClient(api.url, api.api_keys["delta"]) as owner:
+            created = await owner.create_session("sh")
+        url = api.url.replace("http", "ws") + f"/v1/sessions/{created['id']}/stdio"
+        headers = {"Authorization": f"Bearer {created['token']}"}
+
+        async with connect(url, additional_headers=headers) as ws:
+            await ws.send(json.dumps({"type": "eof"}))
+            await ws.send(b"too late\n")
+            refusal = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        await cancel_queued(api, "delta")
+
+        assert refusal["type"] == "error"
+        assert refusal["code"] == "stdin_closed"
+        assert "eof" in refusal["message"]
+
     async def test_another_orgs_key_gets_nothing(self, api: LocalFleet) -> None:
         """Another org can neither read, cancel nor attach to a session."""
         async with FleetClient(api.url, api.api_keys["delta"]) as owner:

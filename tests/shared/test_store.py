@@ -373,6 +373,39 @@ class TestAck:
         assert await store.backlog("s1") == 7
 
 
+class TestWriteStdin:
+    """write_stdin appends what the client sends while the agent may read it."""
+
+    async def test_data_is_counted_as_pending(self, store: SessionStore) -> None:
+        """Data the worker has not consumed is reported as pending bytes."""
+        await admitted_and_claimed(store, "s1")
+
+        assert await store.write_stdin("s1", "d", b"hello") == 5
+        assert await store.write_stdin("s1", "d", b"!") == 6
+
+    async def test_data_after_eof_is_refused(self, store: SessionStore) -> None:
+        """Data after an eof is -3 and never joins the stream."""
+        await admitted_and_claimed(store, "s1")
+        await store.write_stdin("s1", "d", b"before")
+        await store.write_stdin("s1", "eof")
+
+        refused = await store.write_stdin("s1", "d", b"after")
+
+        entries = await store.redis.xrange(KEYS.stdin("s1"))
+        assert refused == -3
+        assert [fields for _, fields in entries] == [{b"d": b"before"}, {b"eof": b""}]
+
+    async def test_a_cancel_after_eof_still_goes(self, store: SessionStore) -> None:
+        """Closing stdin does not stop a client from cancelling the session."""
+        await admitted_and_claimed(store, "s1")
+        await store.write_stdin("s1", "eof")
+
+        assert await store.write_stdin("s1", "cancel") >= 0
+
+        entries = await store.redis.xrange(KEYS.stdin("s1"))
+        assert [fields for _, fields in entries][-1] == {b"cancel": b""}
+
+
 class TestFinish:
     """finish ends a session exactly once and frees its quota."""
 
