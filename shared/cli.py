@@ -141,8 +141,10 @@ def _add_operator_commands(commands: Any) -> None:
         "drain",
         help="stop a node from claiming sessions (or let it resume)",
         description="Ask a node's worker to stop claiming new sessions; "
-        "running ones finish. --undo lets it claim again. Needs an operator "
-        "key in ACP_FLEET_OPERATOR_KEY.",
+        "running ones finish. The worker follows at its next heartbeat "
+        "(worker.heartbeat_ms), so a session may still be claimed until "
+        "then. --undo lets it claim again. Needs an operator key in "
+        "ACP_FLEET_OPERATOR_KEY.",
     )
     _url_option(drain)
     drain.add_argument("node", help="the node's name, as 'nodes' lists it")
@@ -354,15 +356,14 @@ def _run_connect(args: argparse.Namespace) -> int:
         return 2
 
 
-def _operator_call(args: argparse.Namespace, method: str, path: str) -> int:
-    import json
-
+def _operator_call(args: argparse.Namespace, method: str, path: str) -> Any:
+    """Call an operator endpoint; its JSON, or None once refused and said."""
     import httpx
 
     key = os.environ.get("ACP_FLEET_OPERATOR_KEY")
     if not key:
         _complain("set ACP_FLEET_OPERATOR_KEY to an operator key")
-        return 2
+        return None
     try:
         response = httpx.request(
             method,
@@ -372,14 +373,18 @@ def _operator_call(args: argparse.Namespace, method: str, path: str) -> int:
         )
     except httpx.HTTPError as exc:
         _complain(f"cannot reach {args.url}: {exc}")
-        return 2
-    body = response.json()
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        _complain(f"{args.url} does not answer as an ACP Fleet scheduler")
+        return None
     if response.status_code >= 400:
         error = body.get("error", {})
         _complain(f"{error.get('code')}: {error.get('message')}")
-        return 2
-    print(json.dumps(body, indent=2) if getattr(args, "json", False) else _table(body))
-    return 0
+        return None
+
+    return body
 
 
 def _complain(text: str) -> None:
@@ -410,7 +415,13 @@ def _table(view: Any) -> str:
 
 
 def _run_nodes(args: argparse.Namespace) -> int:
-    return _operator_call(args, "GET", "/v1/fleet")
+    import json
+
+    view = _operator_call(args, "GET", "/v1/fleet")
+    if view is None:
+        return 2
+    print(json.dumps(view, indent=2) if args.json else _table(view))
+    return 0
 
 
 def _run_top(args: argparse.Namespace) -> int:
@@ -451,7 +462,15 @@ def _run_top(args: argparse.Namespace) -> int:
 
 def _run_drain(args: argparse.Namespace) -> int:
     method = "DELETE" if args.undo else "POST"
-    return _operator_call(args, method, f"/v1/nodes/{args.node}/drain")
+    if _operator_call(args, method, f"/v1/nodes/{args.node}/drain") is None:
+        return 2
+    # The worker learns of the request from its next heartbeat's answer,
+    # so a table now would still show the node claiming.
+    if args.undo:
+        print(f"drain withdrawn; {args.node} claims again at its next heartbeat")
+    else:
+        print(f"drain requested; {args.node} stops claiming at its next heartbeat")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -1,13 +1,20 @@
-"""The ``acp-fleet`` command's start-up: a bad setting is a message, not a trace."""
+"""The ``acp-fleet`` command: start-up refusals and the operators' commands."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
+from shared.keys import Keys
+from shared.localfleet import LocalFleet, local_fleet
+from shared.store import SessionStore
 from tests.cli import cli
+from tests.sandboxes import PROFILES
 
 SECRET = "s" * 40
 CONFIG = f'config_version = 1\ntoken_secret = "{SECRET}"\n'
@@ -84,3 +91,76 @@ class TestStartUpErrors:
 
         assert "  worker.docker_url: 'localhost' is not an Engine address" in stderr
         assert "unix:///path or tcp://host:port" in stderr
+
+
+@pytest.fixture(scope="module")
+def scheduler_alone(redis_url: str) -> Iterator[LocalFleet]:
+    """A scheduler with no worker, and a node n1 known by one heartbeat."""
+    with local_fleet(
+        {"sh": PROFILES["cat-exit"]}, redis_url=redis_url, start_worker=False
+    ) as fleet:
+        asyncio.run(beat(fleet, "n1"))
+        yield fleet
+
+
+async def beat(fleet: LocalFleet, node: str) -> None:
+    """Record one heartbeat of ``node`` as its worker would."""
+    redis = Redis.from_url(fleet.redis_url)
+    store = SessionStore(redis, keys=Keys(fleet.settings.key_prefix))
+    fields = {"capacity": "1", "sessions": "0", "started_ms": "0", "draining": "0"}
+    await store.beat_node(node, fields, ttl_ms=600_000)
+    await redis.aclose()
+
+
+class TestDrainCommand:
+    """acp-fleet drain says when the request takes effect."""
+
+    def test_a_drain_says_it_is_followed_at_the_next_heartbeat(
+        self, scheduler_alone: LocalFleet
+    ) -> None:
+        """A drain is reported as requested, not shown as a table saying no."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
+
+        ran = cli("drain", "n1", "--url", scheduler_alone.url, env=env)
+
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.decode() == (
+            "drain requested; n1 stops claiming at its next heartbeat\n"
+        )
+
+    def test_an_undo_says_it_is_followed_at_the_next_heartbeat(
+        self, scheduler_alone: LocalFleet
+    ) -> None:
+        """Withdrawing a drain is reported the same way."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
+
+        ran = cli("drain", "n1", "--undo", "--url", scheduler_alone.url, env=env)
+
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.decode() == (
+            "drain withdrawn; n1 claims again at its next heartbeat\n"
+        )
+
+    def test_an_unknown_node_is_one_line_and_exit_2(
+        self, scheduler_alone: LocalFleet
+    ) -> None:
+        """A node that never sent a heartbeat is refused in one line."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
+
+        ran = cli("drain", "n2", "--url", scheduler_alone.url, env=env)
+
+        assert ran.returncode == 2
+        assert ran.stdout == b""
+        assert ran.stderr.decode().startswith("acp-fleet: node_not_found: ")
+
+    def test_nodes_still_prints_the_table(self, scheduler_alone: LocalFleet) -> None:
+        """acp-fleet nodes lists the known node and the queue."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
+
+        ran = cli("nodes", "--url", scheduler_alone.url, env=env)
+
+        assert ran.returncode == 0, ran.stderr
+        lines = ran.stdout.decode().splitlines()
+        assert lines[0].startswith("node")
+        assert lines[1].startswith("n1")
+        assert lines[-1].startswith("queue: 0 waiting")
