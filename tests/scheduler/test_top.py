@@ -538,7 +538,7 @@ class TestTopCommand:
         assert done.returncode == 2
         lines = done.stderr.decode().splitlines()
         assert len(lines) == 1
-        assert lines[0].startswith("acp-fleet: top: 401 operator_required: ")
+        assert lines[0].startswith("acp-fleet: top: 403 operator_required: ")
         assert done.stdout == b""
 
 
