@@ -27,6 +27,7 @@ _WS_REFUSALS = {
     "invalid_credentials": 401,
     "invalid_token": 401,
     "token_expired": 401,
+    "org_key_required": 403,
     "session_not_found": 404,
 }
 
