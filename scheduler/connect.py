@@ -3,6 +3,11 @@
 An editor such as Zed launches this as its agent and speaks ACP on its
 stdin and stdout; every byte goes to a session's sandbox and back, stderr
 carries the agent's logs, and the process exits with the agent.
+
+A WebSocket that drops (a scheduler replica killed or restarting, a load
+balancer resetting the connection) is opened again, to the same URL, from
+the cursor of the last output written: stdout gets each piece of output
+once. Stdin read meanwhile waits in a bounded buffer and follows in order.
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ import asyncio
 import os
 import sys
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
+
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from scheduler.client import End, FleetClient, SlowClient, Stdio
 from shared.wire import STDOUT
@@ -20,8 +29,33 @@ from shared.wire import STDOUT
 # own exit (or the editor closing stdin); the cause is written to stderr.
 EXIT_FLEET_ENDED = 70
 _CLEAN_CAUSES = {"eof_ignored"}
-# Chunks read ahead of the WebSocket; a slow fleet slows reading stdin.
-_STDIN_QUEUE_CHUNKS = 16
+
+# Stdin read ahead of the WebSocket, kept while it reconnects; at the bound
+# reading stdin waits, so the editor feels backpressure and nothing is lost.
+STDIN_BUFFER_BYTES = 1024 * 1024
+_STDIN_READ_BYTES = 64 * 1024
+
+DEFAULT_RECONNECT_S = 30.0
+# The first wait after a drop, doubled after each failed attempt up to the cap.
+RECONNECT_FIRST_S = 0.1
+RECONNECT_MAX_S = 2.0
+# A connection that carried output or stayed up this long was a working one:
+# its drop opens a new reconnect window. A replica that accepts and fails at
+# once does not, or it would keep connect retrying forever.
+HEALTHY_S = 1.0
+
+
+class ConnectionLost(Exception):
+    """The stdio WebSocket could not be opened again within the window."""
+
+    def __init__(self, session_id: str, window_s: float, cause: str) -> None:
+        super().__init__(
+            f"no connection for {window_s:g} s ({cause}); session {session_id} "
+            "may still run: attach again with --session"
+        )
+        self.session_id = session_id
+        self.window_s = window_s
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -33,59 +67,201 @@ class Target:
     profile: str | None = None
     session_id: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    reconnect_s: float = DEFAULT_RECONNECT_S
 
 
 async def connect(target: Target) -> int:
-    """Relay this process' stdio to the session; return the exit status."""
+    """Relay this process' stdio to the session; return the exit status.
+
+    Raises:
+        ApiError: the fleet refused the session, the credential or the cursor.
+        ConnectionLost: the WebSocket stayed down for ``target.reconnect_s``.
+    """
+    session_id, credential = await _session(target)
+    relay = _Relay(StdinBuffer(STDIN_BUFFER_BYTES))
+    relay.stdin.read_from_stdin()
+    async with FleetClient(target.base_url, credential) as client:
+        return await _attach_until_end(client, session_id, relay, target.reconnect_s)
+
+
+async def _session(target: Target) -> tuple[str, str]:
+    """The session to attach to and the credential to attach with."""
+    if target.session_id is not None:
+        return target.session_id, target.credential
+    assert target.profile is not None
     async with FleetClient(target.base_url, target.credential) as client:
-        session_id, credential = target.session_id, target.credential
-        if session_id is None:
-            assert target.profile is not None
-            created = await client.create_session(target.profile, env=target.env)
-            session_id, credential = created["id"], created["token"]
-            _note(f"acp-fleet: session {session_id}")
-    client = FleetClient(target.base_url, credential)
-    async with client, client.stdio(session_id) as stdio:
-        return await _relay(stdio)
+        created = await client.create_session(target.profile, env=target.env)
+    _note(f"acp-fleet: session {created['id']}")
+
+    return created["id"], created["token"]
 
 
-async def _relay(stdio: Stdio) -> int:
-    pump = asyncio.create_task(_pump_stdin(stdio))
-    try:
-        async for event in stdio.events():
-            if isinstance(event, End):
-                return _exit_status(event)
-            if isinstance(event, SlowClient):
-                continue
-            stream = sys.stdout.buffer if event.channel == STDOUT else sys.stderr.buffer
-            stream.write(event.data)
-            stream.flush()
-    finally:
-        pump.cancel()
-    _note("acp-fleet: connection closed before the session ended")
-    return EXIT_FLEET_ENDED
-
-
-async def _pump_stdin(stdio: Stdio) -> None:
-    chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_STDIN_QUEUE_CHUNKS)
-    loop = asyncio.get_running_loop()
-    threading.Thread(target=_read_stdin, args=(loop, chunks), daemon=True).start()
-    while data := await chunks.get():
-        await stdio.send(data)
-    await stdio.send_eof()
-
-
-def _read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue[bytes]) -> None:
-    """Read stdin in a thread: files and /dev/null cannot be polled by the
-    event loop, and a daemon thread never holds the process past its end."""
+async def _attach_until_end(
+    client: FleetClient, session_id: str, relay: _Relay, window_s: float
+) -> int:
+    """Attach, and attach again after each drop, until the session ends."""
+    backoff = Backoff(window_s)
     while True:
+        opened_at, carried = time.monotonic(), relay.carried
         try:
-            data = os.read(sys.stdin.fileno(), 64 * 1024)
-        except (OSError, ValueError):
-            data = b""
-        asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
-        if not data:
-            return
+            async with client.stdio(session_id, cursor=relay.cursor) as stdio:
+                status = await relay.attach(stdio)
+            if status is not None:
+                return status
+            cause = "closed before the session ended"
+        except Exception as exc:
+            if not is_drop(exc):
+                raise
+            cause = str(exc) or type(exc).__name__
+
+        if relay.carried > carried or time.monotonic() - opened_at >= HEALTHY_S:
+            backoff.reset()
+            _note(f"acp-fleet: connection lost ({cause}); reconnecting")
+        delay_s = backoff.next_delay_s()
+        if delay_s is None:
+            raise ConnectionLost(session_id, window_s, cause)
+        await asyncio.sleep(delay_s)
+
+
+def is_drop(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection failure worth another attempt.
+
+    A refusal by the fleet (``ApiError``, after which the gateway closes
+    with 4400, 4401 or 4404) is definitive; so is an HTTP error below 500
+    in the handshake, such as a wrong path.
+    """
+    if isinstance(exc, InvalidStatus):
+        return exc.response.status_code >= 500
+    return isinstance(exc, OSError | TimeoutError | ConnectionClosed | InvalidMessage)
+
+
+class Backoff:
+    """Waits that double from ``RECONNECT_FIRST_S`` within a bounded window."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now."""
+        self._deadline = time.monotonic() + self.window_s
+        self._delay_s = RECONNECT_FIRST_S
+
+    def next_delay_s(self) -> float | None:
+        """How long to wait before the next attempt; None once out of time."""
+        left_s = self._deadline - time.monotonic()
+        if left_s <= 0:
+            return None
+        delay_s = min(self._delay_s, left_s)
+        self._delay_s = min(self._delay_s * 2, RECONNECT_MAX_S)
+
+        return delay_s
+
+
+class _Relay:
+    """What outlives one connection: the output cursor and unsent stdin."""
+
+    def __init__(self, stdin: StdinBuffer) -> None:
+        self.stdin = stdin
+        self.cursor: str | None = None
+        self.carried = 0
+
+    async def attach(self, stdio: Stdio) -> int | None:
+        """Relay over one connection; the exit status, or None if it dropped."""
+        pump = asyncio.create_task(self._pump_stdin(stdio))
+        try:
+            async for event in stdio.events():
+                if isinstance(event, End):
+                    return _exit_status(event)
+                if isinstance(event, SlowClient):
+                    continue
+                out = sys.stdout if event.channel == STDOUT else sys.stderr
+                out.buffer.write(event.data)
+                out.buffer.flush()
+                # Written and then remembered with no await between: a drop
+                # can never make the next connection repeat or skip output.
+                self.cursor = event.cursor
+                self.carried += 1
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        return None
+
+    async def _pump_stdin(self, stdio: Stdio) -> None:
+        while not self.stdin.eof_sent:
+            chunk = await self.stdin.peek()
+            if not stdio.open:
+                return
+            # Taken before the send: a message handed to a socket that then
+            # dies may or may not have reached Redis, and sending it again
+            # could repeat an ACP request. It is never sent twice.
+            self.stdin.pop()
+            try:
+                await (stdio.send(chunk) if chunk else stdio.send_eof())
+            except ConnectionClosed:
+                return
+
+
+class StdinBuffer:
+    """Stdin read but not yet sent, in order, bounded by ``max_bytes``.
+
+    An empty chunk is the end of stdin. One reader thread puts, one relay
+    takes; ``put`` waits while the buffer is full.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.eof_sent = False
+        self._chunks: deque[bytes] = deque()
+        self._bytes = 0
+        self._readable = asyncio.Event()
+        self._space = asyncio.Event()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes
+
+    async def put(self, chunk: bytes) -> None:
+        """Append a chunk, waiting while it would pass the bound."""
+        while self._bytes and self._bytes + len(chunk) > self.max_bytes:
+            self._space.clear()
+            await self._space.wait()
+        self._chunks.append(chunk)
+        self._bytes += len(chunk)
+        self._readable.set()
+
+    async def peek(self) -> bytes:
+        """The oldest chunk, waiting for one; it stays until ``pop``."""
+        while not self._chunks:
+            self._readable.clear()
+            await self._readable.wait()
+        return self._chunks[0]
+
+    def pop(self) -> bytes:
+        """Remove the oldest chunk, as handed to a socket."""
+        chunk = self._chunks.popleft()
+        self._bytes -= len(chunk)
+        self.eof_sent = not chunk
+        self._space.set()
+
+        return chunk
+
+    def read_from_stdin(self) -> None:
+        """Fill the buffer from this process' stdin in a daemon thread."""
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read, args=(loop,), daemon=True).start()
+
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read stdin in a thread: files and /dev/null cannot be polled by the
+        event loop, and a daemon thread never holds the process past its end."""
+        while True:
+            try:
+                data = os.read(sys.stdin.fileno(), _STDIN_READ_BYTES)
+            except (OSError, ValueError):
+                data = b""
+            asyncio.run_coroutine_threadsafe(self.put(data), loop).result()
+            if not data:
+                return
 
 
 def _exit_status(end: End) -> int:

@@ -119,6 +119,14 @@ def _add_connect_command(commands: Any) -> None:
         help="pass this variable of the environment to the agent (repeatable; "
         "the profile must allow it)",
     )
+    connect.add_argument(
+        "--reconnect-s",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to keep reconnecting after the connection drops before "
+        "giving up (default: %(default)g; 0: give up at once)",
+    )
     connect.set_defaults(run=_run_connect)
 
 
@@ -322,7 +330,7 @@ def _run_connect(args: argparse.Namespace) -> int:
     from websockets.exceptions import WebSocketException
 
     from scheduler.client import ApiError
-    from scheduler.connect import Target, connect
+    from scheduler.connect import ConnectionLost, Target, connect
 
     credential = args.token or os.environ.get("ACP_FLEET_API_KEY")
     if not credential:
@@ -339,17 +347,27 @@ def _run_connect(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.reconnect_s < 0:
+        print(
+            "acp-fleet connect: --reconnect-s must be 0 or more seconds.",
+            file=sys.stderr,
+        )
+        return 2
     target = Target(
         base_url=args.url,
         credential=credential,
         profile=args.profile,
         session_id=args.session,
         env={name: os.environ[name] for name in args.env},
+        reconnect_s=args.reconnect_s,
     )
     try:
         return asyncio.run(connect(target))
     except ApiError as exc:
         print(f"acp-fleet connect: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionLost as exc:
+        print(f"acp-fleet connect: lost {args.url}: {exc}", file=sys.stderr)
         return 2
     except (OSError, httpx.HTTPError, WebSocketException) as exc:
         print(f"acp-fleet connect: cannot reach {args.url}: {exc}", file=sys.stderr)
