@@ -68,6 +68,11 @@ def busybox_profile(script: str, **limits: Any) -> dict[str, Any]:
 PROFILES: dict[str, Any] = {
     "claude": agent_profile(),
     "cat-exit": busybox_profile("cat; echo done; exit 7"),
+    # Six seconds of output of its own, then its stdin echoed, then exit 7.
+    "ticks-cat": busybox_profile(
+        "i=1; while [ $i -le 60 ]; do echo tick $i; sleep 0.1; i=$((i+1)); done; "
+        "cat; echo done; exit 7"
+    ),
     "exit3": busybox_profile("exit 3"),
     "c01": busybox_profile(C01_SCRIPT),
     "c14": busybox_profile(C14_SCRIPT, memory="256m"),
