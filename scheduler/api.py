@@ -29,6 +29,7 @@ from scheduler.gateway import (
     CLOSE_FORBIDDEN,
     CLOSE_NOT_FOUND,
     CLOSE_UNAUTHORIZED,
+    Numbering,
     relay,
 )
 from scheduler.heartbeats import HeartbeatAges, watch_forever
@@ -592,6 +593,8 @@ def _stdio_route(app: FastAPI) -> None:
         session_id: str,
         cursor: Annotated[str | None, Query()] = None,
         token: Annotated[str | None, Query()] = None,
+        writer: Annotated[str | None, Query()] = None,
+        seq: Annotated[str | None, Query()] = None,
     ) -> None:
         """The agent's stdio: binary output frames out, stdin and EOF in."""
         fleet: Fleet = ws.app.state.fleet
@@ -614,8 +617,20 @@ def _stdio_route(app: FastAPI) -> None:
         except ValueError as exc:
             await _refuse(ws, CLOSE_BAD_REQUEST, "invalid_cursor", str(exc))
             return
+        try:
+            numbering = Numbering.parse(writer, seq)
+        except ValueError as exc:
+            await _refuse(ws, CLOSE_BAD_REQUEST, "invalid_stdin_seq", str(exc))
+            return
         seen_every_s = _seen_interval_s(fleet.settings, record)
-        await relay(ws, fleet.store, session_id, start, seen_every_s=seen_every_s)
+        await relay(
+            ws,
+            fleet.store,
+            session_id,
+            start,
+            seen_every_s=seen_every_s,
+            numbering=numbering,
+        )
 
 
 async def _owned_record(

@@ -145,10 +145,28 @@ class FleetClient:
         params = {"sessions_limit": sessions_limit}
         return await self._call("GET", "/v1/fleet", params=params)
 
-    def stdio(self, session_id: str, *, cursor: str | None = None) -> Stdio:
-        """Return the session's stdio connection, to use with ``async with``."""
+    def stdio(
+        self,
+        session_id: str,
+        *,
+        cursor: str | None = None,
+        writer: str | None = None,
+        stdin_seq: int = 1,
+    ) -> Stdio:
+        """Return the session's stdio connection, to use with ``async with``.
+
+        Args:
+            cursor: resume output after this one, the last one taken.
+            writer: number stdin messages as this writer from ``stdin_seq``
+                on; the gateway then acknowledges each (``StdinAck``), and a
+                message sent again on a later connection is written once.
+                Each ``send`` must then be at most one message.
+        """
         ws_base = "ws" + self.base_url.removeprefix("http")
-        query = urlencode({"cursor": cursor} if cursor else {})
+        params: dict[str, str | int] = {"cursor": cursor} if cursor else {}
+        if writer is not None:
+            params |= {"writer": writer, "seq": stdin_seq}
+        query = urlencode(params)
         url = f"{ws_base}/v1/sessions/{session_id}/stdio" + (
             f"?{query}" if query else ""
         )
@@ -183,6 +201,13 @@ class SlowClient:
     """The relay stopped reading the agent until this client catches up."""
 
     backlog_bytes: int
+
+
+@dataclass(frozen=True)
+class StdinAck:
+    """Stdin messages up to number ``seq`` of a numbering writer are in Redis."""
+
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -261,7 +286,7 @@ class Stdio:
         with contextlib.suppress(ConnectionClosedOK):
             await self.ws.send(json.dumps({"type": "eof"}))
 
-    async def events(self) -> AsyncIterator[Output | SlowClient | End]:
+    async def events(self) -> AsyncIterator[Output | SlowClient | StdinAck | End]:
         """Yield output as it arrives, then the ``End`` of the session.
 
         Output is acknowledged once the caller has taken it (when it asks
@@ -291,6 +316,8 @@ class Stdio:
                     await self.ack(cursor)
                     unacked_bytes = 0
                 yield SlowClient(int(control["backlog_bytes"]))
+            elif kind == "stdin_ack":
+                yield StdinAck(int(control["seq"]))
             elif kind == "error":
                 code, text = control.get("code", "error"), control.get("message", "")
                 raise ApiError(_WS_REFUSALS.get(code, 400), code, text)

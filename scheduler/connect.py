@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
-from scheduler.client import End, FleetClient, SlowClient, Stdio
-from shared.wire import STDOUT
+from scheduler.client import End, FleetClient, Stdio
+from shared.wire import STDOUT, Output
 
 # Exit status when the session ended for a reason other than the agent's
 # own exit (or the editor closing stdin); the cause is written to stderr.
@@ -173,7 +173,7 @@ class _Relay:
             async for event in stdio.events():
                 if isinstance(event, End):
                     return _exit_status(event)
-                if isinstance(event, SlowClient):
+                if not isinstance(event, Output):
                     continue
                 out = sys.stdout if event.channel == STDOUT else sys.stderr
                 out.buffer.write(event.data)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+from dataclasses import dataclass
 
 import structlog
 from redis.exceptions import RedisError
@@ -33,6 +35,41 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_BAD_REQUEST = 4400
 
+_WRITER = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass
+class Numbering:
+    """How a client numbers its stdin messages, so that one sent again is not
+    written twice: ``?writer=<id>&seq=<n>``, n being this connection's first.
+
+    Without a writer nothing is numbered and nothing is acknowledged.
+    """
+
+    writer: str = ""
+    next_seq: int = 0
+
+    @classmethod
+    def parse(cls, writer: str | None, seq: str | None) -> Numbering:
+        """Raises: ValueError: a writer that is no id, or no seq from 1."""
+        if writer is None:
+            return cls()
+        if not _WRITER.fullmatch(writer) or not (seq or "").isdigit():
+            raise ValueError(
+                "a stdin writer is 1 to 64 letters, digits, '-' or '_', "
+                "with seq=<n>, the number of the connection's first message"
+            )
+        if not 1 <= int(seq or 0) < 2**53:
+            raise ValueError(f"seq {seq} is not a number from 1 to 2**53")
+        return cls(writer, int(seq or 0))
+
+    def take(self) -> int:
+        """The number of the next message; 0 when nothing is numbered."""
+        if not self.writer:
+            return 0
+        self.next_seq += 1
+        return self.next_seq - 1
+
 
 async def relay(
     ws: WebSocket,
@@ -41,10 +78,12 @@ async def relay(
     cursor: str,
     *,
     seen_every_s: float = CLIENT_SEEN_INTERVAL_S,
+    numbering: Numbering | None = None,
 ) -> None:
     """Relay until the session ends or the client leaves."""
+    numbering = numbering or Numbering()
     outbound = asyncio.create_task(_outbound(ws, store, session_id, cursor))
-    inbound = asyncio.create_task(_inbound(ws, store, session_id))
+    inbound = asyncio.create_task(_inbound(ws, store, session_id, numbering))
     attached = asyncio.create_task(_attached(store, session_id, seen_every_s))
     done, pending = await asyncio.wait(
         {outbound, inbound}, return_when=asyncio.FIRST_COMPLETED
@@ -93,41 +132,61 @@ async def _outbound(
                     await ws.send_bytes(encode_output(name, entry_id, fields[name]))
 
 
-async def _inbound(ws: WebSocket, store: SessionStore, session_id: str) -> None:
+async def _inbound(
+    ws: WebSocket, store: SessionStore, session_id: str, numbering: Numbering
+) -> None:
     while True:
         message = await ws.receive()
         if message["type"] == "websocket.disconnect":
             return
         if message.get("bytes"):
-            await _stdin(ws, store, session_id, message["bytes"])
+            await _stdin(ws, store, session_id, message["bytes"], numbering)
         elif message.get("text") is not None:
-            await _control(ws, store, session_id, message["text"])
+            await _control(ws, store, session_id, message["text"], numbering)
 
 
 async def _stdin(
-    ws: WebSocket, store: SessionStore, session_id: str, data: bytes
+    ws: WebSocket,
+    store: SessionStore,
+    session_id: str,
+    data: bytes,
+    numbering: Numbering,
 ) -> None:
     # While the worker lags, this client's socket is not read: the client
     # feels the backpressure and Redis holds a bounded backlog.
     # The worker announces nothing when it catches up: the write is retried.
-    pending = await store.write_stdin(session_id, "d", data)
+    seq, writer = numbering.take(), numbering.writer
+    pending = await store.write_stdin(session_id, "d", data, writer=writer, seq=seq)
     while pending == -2:
         await asyncio.sleep(STDIN_RETRY_S)
-        pending = await store.write_stdin(session_id, "d", data)
+        pending = await store.write_stdin(session_id, "d", data, writer=writer, seq=seq)
     if pending == -1:
         await _refuse_message(
             ws, "session_ended", "The session has ended; its agent reads no stdin."
         )
-    elif pending == -3:
+        return
+    if pending == -3:
         await _refuse_message(
             ws,
             "stdin_closed",
             'Stdin was closed by {"type": "eof"}; the agent reads no more of it.',
         )
+        return
+    await _ack_stdin(ws, seq)
+
+
+async def _ack_stdin(ws: WebSocket, seq: int) -> None:
+    """Tell a numbering client its message is in Redis: it need not resend it."""
+    if seq:
+        await ws.send_text(json.dumps({"type": "stdin_ack", "seq": seq}))
 
 
 async def _control(
-    ws: WebSocket, store: SessionStore, session_id: str, text: str
+    ws: WebSocket,
+    store: SessionStore,
+    session_id: str,
+    text: str,
+    numbering: Numbering,
 ) -> None:
     try:
         message = json.loads(text)
@@ -135,7 +194,12 @@ async def _control(
     except (ValueError, AttributeError):
         kind = None
     if kind == "eof":
-        await store.write_stdin(session_id, "eof")
+        seq = numbering.take()
+        written = await store.write_stdin(
+            session_id, "eof", writer=numbering.writer, seq=seq
+        )
+        if written >= 0:
+            await _ack_stdin(ws, seq)
         return
     if kind == "ack":
         await _ack(ws, store, session_id, message.get("cursor"))

@@ -272,9 +272,12 @@ return {id, total - acked}
 """
 
 # KEYS: session, stdin
-# ARGV: field, value, max_pending_bytes, stream_ttl_ms
+# ARGV: field, value, max_pending_bytes, stream_ttl_ms, writer, seq
 # Appends client-to-agent data while the session has not ended and the
-# worker has not fallen more than max_pending_bytes behind.
+# worker has not fallen more than max_pending_bytes behind. A client that
+# numbers its messages (writer non-empty, seq from 1) may send one again
+# after a lost connection: a seq at or below the writer's last is already
+# in the stream and is not appended twice.
 # Returns the bytes now pending, -1 when the session has ended (or never
 # existed), -2 when the pending bytes are at their bound, -3 for data after
 # an eof: the worker stops reading the stream at eof, so the data would
@@ -282,16 +285,24 @@ return {id, total - acked}
 STDIN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state or state == 'ended' then return -1 end
+local pending = tonumber(redis.call('HGET', KEYS[1], 'in_pending_bytes') or '0')
+-- Before the eof check: data resent after a drop may precede an eof that
+-- was written, and is then a repeat, not data after the end of stdin.
+local seq_field = 'in_seq:' .. ARGV[5]
+if ARGV[5] ~= '' then
+  local last = tonumber(redis.call('HGET', KEYS[1], seq_field) or '0')
+  if tonumber(ARGV[6]) <= last then return pending end
+end
 if ARGV[1] == 'd' and redis.call('HEXISTS', KEYS[1], 'stdin_eof') == 1 then
   return -3
 end
 if ARGV[1] == 'eof' then redis.call('HSET', KEYS[1], 'stdin_eof', '1') end
-local pending = tonumber(redis.call('HGET', KEYS[1], 'in_pending_bytes') or '0')
 if ARGV[1] == 'd' and pending + #ARGV[2] > tonumber(ARGV[3]) and pending > 0 then
   return -2
 end
 redis.call('XADD', KEYS[2], '*', ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], seq_field, ARGV[6]) end
 if ARGV[1] == 'd' then
   return redis.call('HINCRBY', KEYS[1], 'in_pending_bytes', #ARGV[2])
 end

@@ -376,8 +376,13 @@ class SessionStore:
         value: bytes = b"",
         *,
         max_pending_bytes: int = STDIN_PENDING_BYTES,
+        writer: str = "",
+        seq: int = 0,
     ) -> int:
         """Append client-to-agent data (``d``), ``eof`` or ``cancel``.
+
+        A ``writer`` numbers its messages with ``seq`` from 1; one it sends
+        again after a lost connection is taken as written and not repeated.
 
         Returns:
             The stdin bytes the worker has not consumed yet; -1 when the
@@ -388,7 +393,7 @@ class SessionStore:
         k = self.keys
         reply = await self._stdin(
             keys=[k.session(session_id), k.stdin(session_id)],
-            args=[field, value, max_pending_bytes, RETENTION_MS],
+            args=[field, value, max_pending_bytes, RETENTION_MS, writer, seq],
         )
         return int(reply)
 

@@ -6,7 +6,8 @@ Agent output travels in binary messages: one byte naming the stream
 client that reconnects passes the last cursor it holds and resumes after
 it. Control messages are JSON text: ``{"type": "end", ...}`` from the
 gateway when the session has ended, ``{"type": "error", ...}`` for a
-refused message, and ``{"type": "eof"}`` from the client to close stdin.
+refused message, ``{"type": "stdin_ack", "seq": n}`` for a client that
+numbers its stdin, and ``{"type": "eof"}`` from the client to close stdin.
 Client binary messages are stdin bytes.
 """
 

@@ -1,0 +1,82 @@
+"""The stdio gateway's numbering of stdin, against a real fleet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scheduler.client import ApiError, End, FleetClient, StdinAck, Stdio
+from shared.localfleet import LocalFleet
+from shared.wire import Output
+
+
+async def _until_acked(stdio: Stdio, seq: int) -> None:
+    async for event in stdio.events():
+        if isinstance(event, StdinAck) and event.seq >= seq:
+            return
+
+
+async def _rest(stdio: Stdio) -> tuple[bytes, list[int], End | None]:
+    stdout, acks = b"", []
+    async for event in stdio.events():
+        if isinstance(event, End):
+            return stdout, acks, event
+        if isinstance(event, StdinAck):
+            acks.append(event.seq)
+        elif isinstance(event, Output):
+            stdout += event.data
+    return stdout, acks, None
+
+
+class TestStdinNumbering:
+    async def test_a_message_sent_again_is_written_once(
+        self, fleet: LocalFleet
+    ) -> None:
+        """A numbered message repeated on a new connection reaches the agent
+        once; each message, repeated or not, is acknowledged."""
+        async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+            created = await client.create_session("cat-exit")
+            first = client.stdio(created["id"], writer="w1", stdin_seq=1)
+            async with first:
+                await first.send(b"one\n")
+                await asyncio.wait_for(_until_acked(first, 1), timeout=30)
+            again = client.stdio(created["id"], writer="w1", stdin_seq=1)
+            async with again:
+                await again.send(b"one\n")
+                await again.send(b"two\n")
+                await again.send_eof()
+                stdout, acks, end = await asyncio.wait_for(_rest(again), timeout=30)
+
+        assert stdout == b"one\ntwo\ndone\n"
+        assert acks == [1, 2, 3]
+        assert end is not None
+        assert end.exit_code == 7
+
+    async def test_an_unnumbered_client_gets_no_acks(self, fleet: LocalFleet) -> None:
+        """Without a writer stdin is written as sent and never acknowledged."""
+        async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+            created = await client.create_session("cat-exit")
+            async with client.stdio(created["id"]) as stdio:
+                await stdio.send(b"one\n")
+                await stdio.send_eof()
+                stdout, acks, _ = await asyncio.wait_for(_rest(stdio), timeout=30)
+
+        assert (stdout, acks) == (b"one\ndone\n", [])
+
+    @pytest.mark.parametrize(
+        ("writer", "seq"), [("no spaces", 1), ("w", 0), ("x" * 65, 1)]
+    )
+    async def test_a_bad_numbering_is_refused(
+        self, fleet: LocalFleet, writer: str, seq: int
+    ) -> None:
+        """A writer that is no id, or a seq below 1, closes with 4400."""
+        async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+            created = await client.create_session("cat-exit")
+            stdio = client.stdio(created["id"], writer=writer, stdin_seq=seq)
+            async with stdio:
+                with pytest.raises(ApiError) as refused:
+                    await asyncio.wait_for(_rest(stdio), timeout=30)
+            await client.cancel(created["id"])
+
+        assert refused.value.code == "invalid_stdin_seq"
