@@ -14,7 +14,6 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosedOK
-from websockets.protocol import State
 
 from shared.wire import MAX_STDIN_MESSAGE_BYTES, Output, decode_output
 
@@ -261,15 +260,6 @@ class Stdio:
         if self._ws is None:
             raise RuntimeError("use Stdio with 'async with'")
         return self._ws
-
-    @property
-    def open(self) -> bool:
-        """Whether a message sent now is handed to the socket.
-
-        A ``send`` on a connection that is not open writes nothing, so a
-        caller that keeps what it sends can tell what it must send again.
-        """
-        return self._ws is not None and self._ws.state is State.OPEN
 
     async def send(self, data: bytes) -> None:
         """Write bytes to the agent's stdin.

@@ -7,13 +7,15 @@ carries the agent's logs, and the process exits with the agent.
 A WebSocket that drops (a scheduler replica killed or restarting, a load
 balancer resetting the connection) is opened again, to the same URL, from
 the cursor of the last output written: stdout gets each piece of output
-once. Stdin read meanwhile waits in a bounded buffer and follows in order.
+once. Stdin waits in a bounded buffer until the fleet acknowledges it, is
+sent again after a drop, and is written to the agent once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 import threading
 import time
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
-from scheduler.client import End, FleetClient, Stdio
+from scheduler.client import End, FleetClient, StdinAck, Stdio
 from shared.wire import STDOUT, Output
 
 # Exit status when the session ended for a reason other than the agent's
@@ -30,7 +32,7 @@ from shared.wire import STDOUT, Output
 EXIT_FLEET_ENDED = 70
 _CLEAN_CAUSES = {"eof_ignored"}
 
-# Stdin read ahead of the WebSocket, kept while it reconnects; at the bound
+# Stdin read and not yet acknowledged, kept across reconnects; at the bound
 # reading stdin waits, so the editor feels backpressure and nothing is lost.
 STDIN_BUFFER_BYTES = 1024 * 1024
 _STDIN_READ_BYTES = 64 * 1024
@@ -104,7 +106,7 @@ async def _attach_until_end(
     while True:
         opened_at, carried = time.monotonic(), relay.carried
         try:
-            async with client.stdio(session_id, cursor=relay.cursor) as stdio:
+            async with relay.stdio(client, session_id) as stdio:
                 status = await relay.attach(stdio)
             if status is not None:
                 return status
@@ -159,12 +161,21 @@ class Backoff:
 
 
 class _Relay:
-    """What outlives one connection: the output cursor and unsent stdin."""
+    """What outlives one connection: the output cursor and unacknowledged stdin."""
 
     def __init__(self, stdin: StdinBuffer) -> None:
         self.stdin = stdin
         self.cursor: str | None = None
         self.carried = 0
+        self.writer = secrets.token_urlsafe(12)
+
+    def stdio(self, client: FleetClient, session_id: str) -> Stdio:
+        """A connection resuming output after the cursor and stdin at the
+        oldest message the fleet has not acknowledged."""
+        first_seq = self.stdin.rewind()
+        return client.stdio(
+            session_id, cursor=self.cursor, writer=self.writer, stdin_seq=first_seq
+        )
 
     async def attach(self, stdio: Stdio) -> int | None:
         """Relay over one connection; the exit status, or None if it dropped."""
@@ -173,29 +184,28 @@ class _Relay:
             async for event in stdio.events():
                 if isinstance(event, End):
                     return _exit_status(event)
-                if not isinstance(event, Output):
-                    continue
-                out = sys.stdout if event.channel == STDOUT else sys.stderr
-                out.buffer.write(event.data)
-                out.buffer.flush()
-                # Written and then remembered with no await between: a drop
-                # can never make the next connection repeat or skip output.
-                self.cursor = event.cursor
-                self.carried += 1
+                if isinstance(event, StdinAck):
+                    self.stdin.acked(event.seq)
+                elif isinstance(event, Output):
+                    self._write(event)
         finally:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         return None
 
+    def _write(self, output: Output) -> None:
+        out = sys.stdout if output.channel == STDOUT else sys.stderr
+        out.buffer.write(output.data)
+        out.buffer.flush()
+        # Written and then remembered with no await between: a drop can
+        # never make the next connection repeat or skip output.
+        self.cursor = output.cursor
+        self.carried += 1
+
     async def _pump_stdin(self, stdio: Stdio) -> None:
-        while not self.stdin.eof_sent:
-            chunk = await self.stdin.peek()
-            if not stdio.open:
-                return
-            # Taken before the send: a message handed to a socket that then
-            # dies may or may not have reached Redis, and sending it again
-            # could repeat an ACP request. It is never sent twice.
-            self.stdin.pop()
+        while True:
+            chunk = await self.stdin.next_unsent()
+            self.stdin.mark_sent()
             try:
                 await (stdio.send(chunk) if chunk else stdio.send_eof())
             except ConnectionClosed:
@@ -203,17 +213,22 @@ class _Relay:
 
 
 class StdinBuffer:
-    """Stdin read but not yet sent, in order, bounded by ``max_bytes``.
+    """Stdin the fleet has not acknowledged yet, in order, bounded.
 
-    An empty chunk is the end of stdin. One reader thread puts, one relay
-    takes; ``put`` waits while the buffer is full.
+    Chunks are numbered from 1 as they are read; an empty chunk is the end
+    of stdin. A chunk leaves when the gateway acknowledges its number, so
+    after a drop every chunk whose fate is unknown is sent again, and the
+    fleet, which writes each number once, keeps it exactly once. ``put``
+    waits while the chunks would pass ``max_bytes``.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.eof_sent = False
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[tuple[int, bytes]] = deque()
         self._bytes = 0
+        self._next_seq = 1
+        # How many chunks at the front the current connection has sent.
+        self._sent = 0
         self._readable = asyncio.Event()
         self._space = asyncio.Event()
 
@@ -226,25 +241,34 @@ class StdinBuffer:
         while self._bytes and self._bytes + len(chunk) > self.max_bytes:
             self._space.clear()
             await self._space.wait()
-        self._chunks.append(chunk)
+        self._chunks.append((self._next_seq, chunk))
+        self._next_seq += 1
         self._bytes += len(chunk)
         self._readable.set()
 
-    async def peek(self) -> bytes:
-        """The oldest chunk, waiting for one; it stays until ``pop``."""
-        while not self._chunks:
+    async def next_unsent(self) -> bytes:
+        """The oldest chunk this connection has not sent, waiting for one."""
+        while self._sent >= len(self._chunks):
             self._readable.clear()
             await self._readable.wait()
-        return self._chunks[0]
+        return self._chunks[self._sent][1]
 
-    def pop(self) -> bytes:
-        """Remove the oldest chunk, as handed to a socket."""
-        chunk = self._chunks.popleft()
-        self._bytes -= len(chunk)
-        self.eof_sent = not chunk
+    def mark_sent(self) -> None:
+        """The chunk ``next_unsent`` returned went to the socket."""
+        self._sent += 1
+
+    def acked(self, seq: int) -> None:
+        """Drop the chunks up to number ``seq``: they are in Redis."""
+        while self._chunks and self._chunks[0][0] <= seq:
+            _, chunk = self._chunks.popleft()
+            self._bytes -= len(chunk)
+            self._sent = max(self._sent - 1, 0)
         self._space.set()
 
-        return chunk
+    def rewind(self) -> int:
+        """Send every unacknowledged chunk again; return the first one's number."""
+        self._sent = 0
+        return self._chunks[0][0] if self._chunks else self._next_seq
 
     def read_from_stdin(self) -> None:
         """Fill the buffer from this process' stdin in a daemon thread."""

@@ -138,6 +138,12 @@ class Running:
         self.process.stdin.write(data)
         self.process.stdin.flush()
 
+    def type_lines(self, count: int, every_s: float) -> None:
+        """Write ``in 1`` to ``in <count>``, one line each ``every_s``."""
+        for i in range(1, count + 1):
+            self.write(b"in %d\n" % i)
+            time.sleep(every_s)
+
     def close_stdin(self) -> None:
         assert self.process.stdin is not None
         self.process.stdin.close()
@@ -175,25 +181,28 @@ def _collect(pipe: IO[bytes] | None, lines: list[bytes]) -> None:
 
 
 class TestReconnect:
-    def test_a_killed_replica_loses_and_repeats_no_output(
+    def test_a_killed_replica_loses_and_repeats_nothing(
         self, fleet: LocalFleet, replica: Replica
     ) -> None:
         """Output made while the replica is down follows once, in order; stdin
-        read meanwhile reaches the agent after it; connect exits with it."""
+        typed before, across and after the kill reaches the agent once each;
+        connect exits with the agent."""
         running = Running(fleet, replica.url, "--profile", "ticks-cat")
-        running.write(b"".join(b"in %d\n" % i for i in range(1, 21)))
         running.wait_for(running.stdout, b"tick 5\n")
+        typing = threading.Thread(target=running.type_lines, args=(100, 0.03))
+        typing.start()
 
+        time.sleep(0.5)
         replica.kill()
-        running.write(b"".join(b"in %d\n" % i for i in range(21, 41)))
         time.sleep(2)
         replica.start()
+        typing.join()
         running.close_stdin()
         code = running.exit_code()
 
         ticks = [b"tick %d\n" % i for i in range(1, 61)]
-        echoed = [b"in %d\n" % i for i in range(1, 41)]
-        assert running.stdout == [*ticks, *echoed, b"done\n"]
+        typed = [b"in %d\n" % i for i in range(1, 101)]
+        assert running.stdout == [*ticks, *typed, b"done\n"]
         assert code == 7
         assert any(b"reconnecting" in line for line in running.stderr)
 
@@ -274,30 +283,36 @@ class TestBackoff:
 
 
 class TestStdinBuffer:
-    async def test_chunks_leave_in_order(self) -> None:
-        """What is put comes out oldest first, and an empty chunk is the end."""
+    async def test_chunks_leave_in_order_once_acknowledged(self) -> None:
+        """Chunks go out oldest first and stay until their number is acked."""
         buffer = StdinBuffer(max_bytes=100)
         for chunk in (b"a", b"b", b""):
             await buffer.put(chunk)
 
-        taken = [buffer.pop() for _ in range(3)]
+        sent = []
+        for _ in range(3):
+            sent.append(await buffer.next_unsent())
+            buffer.mark_sent()
+        buffer.acked(1)
 
-        assert taken == [b"a", b"b", b""]
-        assert buffer.eof_sent
+        assert sent == [b"a", b"b", b""]
+        assert buffer.rewind() == 2
+        assert await buffer.next_unsent() == b"b"
 
     async def test_a_full_buffer_holds_the_reader_back(self) -> None:
-        """A put past the bound waits until a chunk leaves; nothing is dropped."""
+        """A put past the bound waits until an ack frees room; none is dropped."""
         buffer = StdinBuffer(max_bytes=10)
         await buffer.put(b"x" * 8)
 
         blocked = asyncio.create_task(buffer.put(b"y" * 8))
         await asyncio.sleep(0.05)
         waited = not blocked.done()
-        buffer.pop()
+        buffer.mark_sent()
+        buffer.acked(1)
         await asyncio.wait_for(blocked, timeout=1)
 
         assert waited
-        assert await buffer.peek() == b"y" * 8
+        assert await buffer.next_unsent() == b"y" * 8
         assert buffer.buffered_bytes == 8
 
 
