@@ -310,7 +310,10 @@ class Stdio:
                 yield StdinAck(int(control["seq"]))
             elif kind == "error":
                 code, text = control.get("code", "error"), control.get("message", "")
-                raise ApiError(_WS_REFUSALS.get(code, 400), code, text)
+                # Stdin that raced the session's end: the end itself follows
+                # on the output stream, after the output still to come.
+                if code != "session_ended":
+                    raise ApiError(_WS_REFUSALS.get(code, 400), code, text)
 
     async def ack(self, cursor: str) -> None:
         """Tell the fleet that output up to ``cursor`` has been consumed."""

@@ -80,3 +80,22 @@ class TestStdinNumbering:
             await client.cancel(created["id"])
 
         assert refused.value.code == "invalid_stdin_seq"
+
+
+class TestStdinAfterTheEnd:
+    async def test_late_stdin_does_not_hide_the_end(self, fleet: LocalFleet) -> None:
+        """Stdin sent to an ended session is refused, but the client still
+        reads the session's output and its end, as a reconnecting one must."""
+        async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+            created = await client.create_session("cat-exit")
+            async with client.stdio(created["id"]) as stdio:
+                await stdio.send_eof()
+                await asyncio.wait_for(_rest(stdio), timeout=30)
+            again = client.stdio(created["id"], writer="late", stdin_seq=1)
+            async with again:
+                await again.send(b"late\n")
+                stdout, acks, end = await asyncio.wait_for(_rest(again), timeout=30)
+
+        assert (stdout, acks) == (b"done\n", [])
+        assert end is not None
+        assert end.exit_code == 7
