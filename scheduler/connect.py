@@ -129,7 +129,7 @@ def is_drop(exc: BaseException) -> bool:
     """Whether ``exc`` is a connection failure worth another attempt.
 
     A refusal by the fleet (``ApiError``, after which the gateway closes
-    with 4400, 4401 or 4404) is definitive; so is an HTTP error below 500
+    with 4400, 4401, 4403 or 4404) is definitive; so is an HTTP error below 500
     in the handshake, such as a wrong path.
     """
     if isinstance(exc, InvalidStatus):

@@ -53,6 +53,29 @@ class TestStdinNumbering:
         assert end is not None
         assert end.exit_code == 7
 
+    async def test_data_resent_before_a_written_eof_is_a_repeat(
+        self, fleet: LocalFleet
+    ) -> None:
+        """Data and eof sent again after both reached Redis are repeats, not
+        stdin after its end: acknowledged, not refused as stdin_closed."""
+        async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+            # The agent ignores stdin, so the session outlives its eof.
+            created = await client.create_session("sleep")
+            first = client.stdio(created["id"], writer="w2", stdin_seq=1)
+            async with first:
+                await first.send(b"one\n")
+                await first.send_eof()
+                await asyncio.wait_for(_until_acked(first, 2), timeout=30)
+            again = client.stdio(created["id"], writer="w2", stdin_seq=1)
+            async with again:
+                await again.send(b"one\n")
+                await again.send_eof()
+                await asyncio.wait_for(_until_acked(again, 2), timeout=30)
+            view = await client.session(created["id"])
+            await client.cancel(created["id"])
+
+        assert view["state"] != "ended"
+
     async def test_an_unnumbered_client_gets_no_acks(self, fleet: LocalFleet) -> None:
         """Without a writer stdin is written as sent and never acknowledged."""
         async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
