@@ -13,7 +13,6 @@ import structlog
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.errors import SandboxError
@@ -21,7 +20,7 @@ from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.models import EgressRecord
 from shared.settings import FleetSettings
-from shared.store import SessionStore
+from shared.store import SessionStore, blocking_client
 from shared.telemetry import configure_metrics, worker_metrics
 from shared.tracing import configure_tracing, shutdown_tracing
 from worker.docker import DockerRuntime, seccomp_profile
@@ -89,7 +88,7 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
     runtime = DockerRuntime(settings.worker.docker_url)
     await runtime.open()
     # Blocking stdin reads get a client without a socket timeout of its own.
-    blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
+    blocking = blocking_client(settings.redis_url)
     store = SessionStore(ctx["redis"], keys=keys, blocking=blocking)
     images = await _resolve_images(runtime, settings)
     max_records = settings.worker.egress.records_max
