@@ -31,7 +31,9 @@ from shared.keys import (
     CLAIM,
     FINISH,
     OUTPUT_RETENTION_MS,
+    OWN_NODE,
     PUT_ARCHIVE,
+    RELEASE_NODE,
     RENEW,
     RETENTION_MS,
     STDIN,
@@ -187,6 +189,8 @@ class SessionStore:
         self._stdin_consumed = redis.register_script(STDIN_CONSUMED)
         self._upload = redis.register_script(UPLOAD)
         self._put_archive = redis.register_script(PUT_ARCHIVE)
+        self._own_node = redis.register_script(OWN_NODE)
+        self._release_node = redis.register_script(RELEASE_NODE)
 
     async def admit(
         self,
@@ -537,6 +541,22 @@ class SessionStore:
             pipe.exists(k.node_drain(node))
             *_, drain = await pipe.execute()
         return bool(drain)
+
+    async def own_node(self, node: str, instance: str, ttl_ms: int) -> tuple[str, int]:
+        """Take or keep ``node`` for worker process ``instance`` for ``ttl_ms``.
+
+        Returns:
+            The holder (``instance`` when this call took or kept it) and the
+            milliseconds its hold has left.
+        """
+        holder, left_ms = await self._own_node(
+            keys=[self.keys.node_owner(node)], args=[instance, ttl_ms]
+        )
+        return _text(holder), int(left_ms)
+
+    async def release_node(self, node: str, instance: str) -> None:
+        """Give ``node`` up, so that a worker started next need not wait."""
+        await self._release_node(keys=[self.keys.node_owner(node)], args=[instance])
 
     async def nodes(self) -> list[dict[str, str]]:
         """Return each node's last heartbeat record, most recent first."""
