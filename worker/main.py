@@ -313,7 +313,8 @@ async def _stop(ctx: dict[str, Any]) -> None:
     if "runtime" in ctx:
         await ctx["runtime"].close()
         await ctx["blocking"].aclose()
-    await ctx["ownership"].release()
+    if "ownership" in ctx:
+        await ctx["ownership"].release()
     log.info("worker.stopped")
 
 
