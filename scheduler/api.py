@@ -45,6 +45,7 @@ from shared.errors import (
     Unauthorized,
 )
 from shared.keys import Keys
+from shared.logs import FailureStreak
 from shared.models import (
     AuditEvent,
     AuditTrail,
@@ -66,14 +67,19 @@ from shared.models import (
     session_view,
 )
 from shared.settings import FleetSettings
-from shared.store import SessionStore
+from shared.store import SessionStore, blocking_client, command_client
 from shared.telemetry import configure_metrics, scheduler_metrics
 from shared.tracing import configure_tracing, shutdown_tracing
 from shared.wire import parse_cursor
 
 log = structlog.get_logger("scheduler.api")
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
-_REDIS_TIMEOUT_S = 5.0
+# One Redis command fails within the sum of these three (4 s), so that
+# the API answers 503 within 5 s while Redis hangs. Redis answers in
+# microseconds; a command that takes seconds has stalled every client.
+_REDIS_TIMEOUT_S = 2.0
+_REDIS_CONNECT_TIMEOUT_S = 1.0
+_REDIS_POOL_WAIT_S = 1.0
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -138,14 +144,15 @@ def create_app(settings: FleetSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # A Redis that hangs must not hang the API: every command gives up
-        # after a few seconds and the request is answered 503.
-        arq = ArqRedis.from_url(
+        # A Redis that hangs must not hang the API: a request stops at its
+        # first Redis command that fails, and each fails within a bound.
+        arq = command_client(
             settings.redis_url,
-            socket_timeout=_REDIS_TIMEOUT_S,
-            socket_connect_timeout=2,
+            timeout_s=_REDIS_TIMEOUT_S,
+            connect_timeout_s=_REDIS_CONNECT_TIMEOUT_S,
+            pool_wait_s=_REDIS_POOL_WAIT_S,
         )
-        blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
+        blocking = blocking_client(settings.redis_url)
         app.state.fleet = Fleet(settings, arq, blocking)
         sweeper = asyncio.create_task(_sweep_lapsed(app.state.fleet))
         watcher = asyncio.create_task(_watch_heartbeats(app.state.fleet))
@@ -209,7 +216,12 @@ def create_app(settings: FleetSettings) -> FastAPI:
 
     @app.exception_handler(RedisError)
     async def unavailable(request: Request, exc: RedisError) -> JSONResponse:
-        log.error("redis.unavailable", error=str(exc))
+        log.error(
+            "redis.unavailable",
+            path=request.url.path,
+            error_type=type(exc).__name__,
+            error=str(exc),
+        )
         body = {"code": "unavailable", "message": "Session store unreachable."}
         return JSONResponse(
             {"error": body}, status_code=503, headers={"Retry-After": "1"}
@@ -268,13 +280,16 @@ async def _sweep_lapsed(fleet: Fleet) -> None:
     # Admission forgets queue entries as old as a slot; the sweep ends them
     # a few rounds before that, so that none stays queued for good.
     max_wait_ms = max(slot_ttl_ms // 2, slot_ttl_ms - round(3 * interval_s * 1000))
+    streak = FailureStreak(log, "sweep.failed")
     while True:
         await asyncio.sleep(interval_s)
         try:
             await fleet.store.end_lapsed()
             await fleet.store.end_stale_queued(max_wait_ms)
-        except RedisError:
-            log.warning("sweep.failed", exc_info=True)
+        except RedisError as exc:
+            streak.failed(exc)
+        else:
+            streak.succeeded()
 
 
 async def _watch_heartbeats(fleet: Fleet) -> None:

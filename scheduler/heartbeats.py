@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import structlog
 from redis.exceptions import RedisError
 
+from shared.logs import FailureStreak
 from shared.store import SessionStore
 
 log = structlog.get_logger("scheduler.heartbeats")
@@ -41,11 +42,14 @@ async def watch_forever(
     store: SessionStore, ages: HeartbeatAges, *, interval_s: float
 ) -> None:
     """Refresh ``ages`` every ``interval_s`` until cancelled."""
+    streak = FailureStreak(log, "heartbeats.read_failed")
     while True:
         try:
             await ages.refresh(store)
-        except RedisError:
+        except RedisError as exc:
             # The ages read last stay: they only grow stale, never wrong
             # by more than the outage, and the log says why.
-            log.warning("heartbeats.read_failed", exc_info=True)
+            streak.failed(exc)
+        else:
+            streak.succeeded()
         await asyncio.sleep(interval_s)

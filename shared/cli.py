@@ -282,13 +282,16 @@ def _run_scheduler(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
-    from shared.errors import SandboxError
+    from shared.errors import NodeBusy, SandboxError
     from shared.settings import load_settings
     from worker.main import run_worker
 
     settings = load_settings(args.config)
     try:
         run_worker(settings)
+    except NodeBusy as exc:
+        _complain(f"worker cannot start: {exc}")
+        return 2
     except (RedisError, SandboxError, OSError) as exc:
         _complain(f"worker cannot run: {exc}")
         return 1

@@ -13,6 +13,7 @@
     │   ├── TooLarge           an upload is larger than allowed (413)
     │   └── AdmissionRefused   a quota, rate or queue bound says no (429)
     ├── LeaseLost              another owner fenced this worker out of a session
+    ├── NodeBusy               another live worker runs this node
     ├── SandboxError           the Docker Engine failed a call for a sandbox
     ├── EgressRefused          the egress proxy will not carry a connection
     ├── DockerCallRefused      the Docker socket proxy will not carry a call
@@ -95,6 +96,19 @@ class LeaseLost(FleetError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"lease lost for session {session_id}")
         self.session_id = session_id
+
+
+class NodeBusy(FleetError):
+    """Another worker process, alive, runs the node this one was told to."""
+
+    def __init__(self, node: str, holder: str) -> None:
+        super().__init__(
+            f"node {node!r} is run by another live worker ({holder}): one "
+            "worker per node; stop that one first, or give this one another "
+            "worker.node"
+        )
+        self.node = node
+        self.holder = holder
 
 
 class SandboxError(FleetError):

@@ -109,6 +109,11 @@ class Keys:
         ran then (``sessions_at_start``), for the drain's progress."""
         return f"{self.prefix}:node:{node}:drain"
 
+    def node_owner(self, node: str) -> str:
+        """String: the instance id of the one worker process that runs the
+        node, renewed with its heartbeat; it lapses soon after that dies."""
+        return f"{self.prefix}:node:{node}:owner"
+
     @property
     def nodes(self) -> str:
         """Sorted set: every node by its last heartbeat."""
@@ -426,3 +431,24 @@ redis.call('DEL', KEYS[7], KEYS[8])
 return 1
 """.replace("{output_retention}", str(OUTPUT_RETENTION_MS))
 )
+
+# KEYS: node_owner. ARGV: instance, ttl_ms.
+# Take the node for this worker process, or keep it, unless another
+# process holds it. Returns the holder and the milliseconds its hold has
+# left: a holder whose time left grows between two calls is alive.
+OWN_NODE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return {holder, redis.call('PTTL', KEYS[1])}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return {ARGV[1], tonumber(ARGV[2])}
+"""
+
+# KEYS: node_owner. ARGV: instance. Give the node up, if still held.
+RELEASE_NODE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -120,6 +121,16 @@ def write_settings(path: Path, settings: Mapping[str, Any]) -> None:
 @contextmanager
 def redis_server(port: int | None = None) -> Iterator[str]:
     """Run a throw-away ``redis-server`` on loopback; yield its URL."""
+    with redis_process(port) as (url, _):
+        yield url
+
+
+@contextmanager
+def redis_process(
+    port: int | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run a throw-away ``redis-server``; yield its URL and its process,
+    for tests that stop, continue or kill it."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise FleetError(
@@ -144,8 +155,10 @@ def redis_server(port: int | None = None) -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}/0"
     try:
         wait_for_port(port, process, "redis-server")
-        yield url
+        yield url, process
     finally:
+        # A stopped server would not act on the SIGTERM until continued.
+        process.send_signal(signal.SIGCONT)
         process.terminate()
         process.wait(timeout=10)
 

@@ -60,3 +60,36 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr)
+
+
+class FailureStreak:
+    """One warning per run of failures of a repeated task, not one a try.
+
+    A timer that retries every second against a Redis that is gone would
+    otherwise write a traceback a second. The first failure of a streak is
+    a warning with the error's type and message, the repeats are debug
+    lines counting it, and the first success after it says how many tries
+    failed.
+    """
+
+    def __init__(
+        self, logger: structlog.typing.FilteringBoundLogger, event: str
+    ) -> None:
+        self.logger = logger
+        self.event = event
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        """Count one failure; log it if it starts a streak."""
+        self.failures += 1
+        fields = {"error_type": type(exc).__name__, "error": str(exc)}
+        if self.failures == 1:
+            self.logger.warning(self.event, **fields)
+        else:
+            self.logger.debug(self.event, failures=self.failures, **fields)
+
+    def succeeded(self) -> None:
+        """End the streak, if any, with one line that says it is over."""
+        if self.failures:
+            self.logger.info(self.event, recovered=True, failures=self.failures)
+        self.failures = 0

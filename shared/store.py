@@ -8,6 +8,7 @@ whose reads are cut into slices shorter than any socket timeout it has.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from redis.asyncio import Redis
+from arq.connections import ArqRedis
+from redis.asyncio import BlockingConnectionPool, Connection, Redis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from shared.errors import LeaseLost
@@ -28,7 +31,9 @@ from shared.keys import (
     CLAIM,
     FINISH,
     OUTPUT_RETENTION_MS,
+    OWN_NODE,
     PUT_ARCHIVE,
+    RELEASE_NODE,
     RENEW,
     RETENTION_MS,
     STDIN,
@@ -51,6 +56,67 @@ _SOCKET_MARGIN_S = 1.0
 STDIN_PENDING_BYTES = 8 * 1024**2
 # Redis treats BLOCK 0 as "forever"; one slice of a forever read is this long.
 _FOREVER_SLICE_MS = 60_000
+# More short commands than this at once in one process wait for a free
+# connection; far above what a replica's requests and timers hold.
+_POOL_CONNECTIONS = 512
+
+
+class BoundedConnection(Connection):
+    """A connection whose whole set-up, handshake replies included, ends
+    within its ``socket_connect_timeout``.
+
+    redis-py reads the replies of its set-up commands (``CLIENT SETINFO``,
+    ``AUTH``, ``SELECT``) with the socket timeout, on top of the connect
+    timeout; against a hung Redis a new connection would then cost both.
+    """
+
+    async def connect(self) -> None:
+        """Connect and shake hands within the connect timeout, or fail."""
+        if self.is_connected:
+            return
+        try:
+            async with asyncio.timeout(self.socket_connect_timeout):
+                await super().connect()  # type: ignore[no-untyped-call]
+        except TimeoutError as exc:
+            # Cut off mid-handshake: replies may still be on their way, so
+            # the socket must never carry a command.
+            await self.disconnect(nowait=True)
+            raise RedisTimeoutError(f"Timeout connecting to {self.host}") from exc
+
+
+def command_client(
+    url: str, *, timeout_s: float, connect_timeout_s: float, pool_wait_s: float
+) -> ArqRedis:
+    """Return a client for short commands, each bounded in time.
+
+    One command fails within ``pool_wait_s + connect_timeout_s + timeout_s``
+    whether Redis refuses, hangs or never answers a connect. The pool makes
+    new connections outside its lock (redis-py's default pool connects
+    under it, so one hung connect stalls every other caller), and a
+    connection's set-up sends no command it would wait for unless the URL
+    asks for a password or a database.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=_POOL_CONNECTIONS,
+        timeout=pool_wait_s,
+        connection_class=BoundedConnection,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=connect_timeout_s,
+        lib_name=None,
+        lib_version=None,
+    )
+    client = ArqRedis(pool)
+    # The client owns the pool it was given, and closes it with itself.
+    client.auto_close_connection_pool = True
+    return client
+
+
+def blocking_client(url: str) -> Redis:
+    """Return a client for blocking stream reads: no socket timeout, since
+    ``SessionStore.read_stream`` waits in slices of its own."""
+    client: Redis = Redis.from_url(url, socket_timeout=None)
+    return client
 
 
 class Renewal(IntEnum):
@@ -123,6 +189,8 @@ class SessionStore:
         self._stdin_consumed = redis.register_script(STDIN_CONSUMED)
         self._upload = redis.register_script(UPLOAD)
         self._put_archive = redis.register_script(PUT_ARCHIVE)
+        self._own_node = redis.register_script(OWN_NODE)
+        self._release_node = redis.register_script(RELEASE_NODE)
 
     async def admit(
         self,
@@ -478,6 +546,22 @@ class SessionStore:
             pipe.exists(k.node_drain(node))
             *_, drain = await pipe.execute()
         return bool(drain)
+
+    async def own_node(self, node: str, instance: str, ttl_ms: int) -> tuple[str, int]:
+        """Take or keep ``node`` for worker process ``instance`` for ``ttl_ms``.
+
+        Returns:
+            The holder (``instance`` when this call took or kept it) and the
+            milliseconds its hold has left.
+        """
+        holder, left_ms = await self._own_node(
+            keys=[self.keys.node_owner(node)], args=[instance, ttl_ms]
+        )
+        return _text(holder), int(left_ms)
+
+    async def release_node(self, node: str, instance: str) -> None:
+        """Give ``node`` up, so that a worker started next need not wait."""
+        await self._release_node(keys=[self.keys.node_owner(node)], args=[instance])
 
     async def nodes(self) -> list[dict[str, str]]:
         """Return each node's last heartbeat record, most recent first."""

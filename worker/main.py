@@ -13,19 +13,19 @@ import structlog
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.errors import SandboxError
 from shared.keys import Keys
-from shared.logs import configure_logging
+from shared.logs import FailureStreak, configure_logging
 from shared.models import EgressRecord
 from shared.settings import FleetSettings
-from shared.store import SessionStore
+from shared.store import SessionStore, blocking_client, command_client
 from shared.telemetry import configure_metrics, worker_metrics
 from shared.tracing import configure_tracing, shutdown_tracing
 from worker.docker import DockerRuntime, seccomp_profile
 from worker.egress import start_egress, stop_egress
+from worker.ownership import NodeOwnership
 from worker.pool import WarmPool
 from worker.reconcile import Reconciler
 from worker.session import Images, SessionRun, SessionRunner
@@ -40,6 +40,9 @@ _JOB_TIMEOUT_MARGIN_S = 300
 # record its end; what remains after it is healed by the next reconcile.
 _CLEANUP_WAIT_S = 30.0
 _NODE_TTL_LEASES = 10
+# The node's owner key has a client of its own, taken before arq's exists;
+# a renewal that waits longer than this is as good as missed.
+_OWNER_TIMEOUT_S = 2.0
 _APPARMOR_FLAG = "/sys/module/apparmor/parameters/enabled"
 
 
@@ -49,14 +52,18 @@ async def run_session(ctx: dict[str, Any], session_id: str) -> str:
     return await runner.run(session_id)
 
 
-def build_worker(settings: FleetSettings) -> Worker:
-    """Return the arq worker for this node, ready to ``async_run``."""
+def build_worker(settings: FleetSettings, ownership: NodeOwnership) -> Worker:
+    """Return the arq worker for a node ``ownership`` holds, ready to run."""
     keys = Keys(settings.key_prefix)
     longest_s = max(
         (p.limits.lifetime_s for p in settings.profiles.values()), default=3600
     )
 
     async def startup(ctx: dict[str, Any]) -> None:
+        ctx["ownership"] = ownership
+        ctx["hold_task"] = asyncio.create_task(
+            ownership.hold_forever(), name="node-owner"
+        )
         await _start(ctx, settings, keys)
         ctx["node_task"] = asyncio.create_task(
             _beat_forever(ctx, settings, worker), name="node-heartbeat"
@@ -89,7 +96,7 @@ async def _start(ctx: dict[str, Any], settings: FleetSettings, keys: Keys) -> No
     runtime = DockerRuntime(settings.worker.docker_url)
     await runtime.open()
     # Blocking stdin reads get a client without a socket timeout of its own.
-    blocking = Redis.from_url(settings.redis_url, socket_timeout=None)
+    blocking = blocking_client(settings.redis_url)
     store = SessionStore(ctx["redis"], keys=keys, blocking=blocking)
     images = await _resolve_images(runtime, settings)
     max_records = settings.worker.egress.records_max
@@ -231,6 +238,7 @@ async def _reconcile_forever(reconciler: Reconciler, settings: FleetSettings) ->
     tick_s = settings.worker.lease_ms / 2000
     sweep_every = max(1, round(settings.worker.reconcile_interval_s / tick_s))
     ticks = 0
+    streak = FailureStreak(log, "reconcile.redis_failed")
     while True:
         await asyncio.sleep(tick_s)
         ticks += 1
@@ -238,8 +246,12 @@ async def _reconcile_forever(reconciler: Reconciler, settings: FleetSettings) ->
             await reconciler.end_lapsed_sessions()
             if ticks % sweep_every == 0:
                 await reconciler.remove_orphans()
+        except RedisError as exc:
+            streak.failed(exc)
         except Exception:
             log.exception("reconcile.failed")
+        else:
+            streak.succeeded()
 
 
 async def _beat_forever(
@@ -253,11 +265,13 @@ async def _beat_forever(
     # dead node's age before it drops out of the listing.
     ttl_ms = settings.worker.lease_ms * _NODE_TTL_LEASES
     drained_by_operator = False
+    streak = FailureStreak(log, "node.heartbeat_failed")
     while True:
         fields = {
             "capacity": str(settings.worker.max_sessions),
             "sessions": str(len(runner.active)),
             "started_ms": str(started_ms),
+            "instance": ctx["ownership"].instance,
             "draining": str(int(not worker.allow_pick_jobs)),
             "pools": json.dumps(
                 {name: pool.snapshot() for name, pool in runner.pools.items()}
@@ -265,9 +279,11 @@ async def _beat_forever(
         }
         try:
             drain = await runner.store.beat_node(node, fields, ttl_ms)
-        except RedisError:
-            log.warning("node.heartbeat_failed", exc_info=True)
+        except RedisError as exc:
+            streak.failed(exc)
             drain = drained_by_operator
+        else:
+            streak.succeeded()
         # Only a drain this task started is undone here: arq clears the same
         # flag when a signal stops the worker, and that must stand.
         if drain and not drained_by_operator:
@@ -288,7 +304,7 @@ async def _stop(ctx: dict[str, Any]) -> None:
         await ctx["runner"].close_pools()
         if ctx["runner"].egress is not None:
             await stop_egress(ctx["runner"].egress, ctx["runtime"])
-    for name in ("reconcile_task", "node_task"):
+    for name in ("reconcile_task", "node_task", "hold_task"):
         task = ctx.get(name)
         if task is not None:
             task.cancel()
@@ -297,6 +313,8 @@ async def _stop(ctx: dict[str, Any]) -> None:
     if "runtime" in ctx:
         await ctx["runtime"].close()
         await ctx["blocking"].aclose()
+    if "ownership" in ctx:
+        await ctx["ownership"].release()
     log.info("worker.stopped")
 
 
@@ -305,12 +323,37 @@ def run_worker(settings: FleetSettings) -> None:
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     configure_metrics("acp-fleet-worker")
     configure_tracing(settings, "acp-fleet-worker")
+    # arq binds its signal handlers to the loop current at construction.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    # Before anything else, arq included: a second worker of a live node
+    # must touch neither its containers, nor its keys, nor its metrics port.
+    ownership = loop.run_until_complete(_take_node(settings))
     if settings.worker.metrics_port:
         start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
-    # arq binds its signal handlers to the loop current at construction.
-    asyncio.set_event_loop(asyncio.new_event_loop())
     try:
-        build_worker(settings).run()
+        build_worker(settings, ownership).run()
     finally:
         # After arq's shutdown: the last sessions' removal spans are ended.
         shutdown_tracing()
+
+
+async def _take_node(settings: FleetSettings) -> NodeOwnership:
+    """Hold this worker's node, or raise ``NodeBusy`` if a live one does."""
+    redis = command_client(
+        settings.redis_url,
+        timeout_s=_OWNER_TIMEOUT_S,
+        connect_timeout_s=_OWNER_TIMEOUT_S,
+        pool_wait_s=_OWNER_TIMEOUT_S,
+    )
+    ownership = NodeOwnership(
+        SessionStore(redis, keys=Keys(settings.key_prefix)),
+        node=settings.worker.node,
+        heartbeat_ms=settings.worker.heartbeat_ms,
+    )
+    try:
+        await ownership.acquire()
+    except BaseException:
+        await redis.aclose()
+        raise
+    return ownership

@@ -9,6 +9,7 @@ renewing its lease, on any node.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -87,12 +88,21 @@ class Reconciler:
 
     async def remove_orphans(self) -> int:
         """Remove this node's labelled containers that no live run owns."""
+        orphans = [
+            container
+            for container in await self.runtime.labelled(self.labels)
+            if not self.owns(_session_of(container), container["Id"])
+        ]
+        # Every session ends before any container goes: an end is one
+        # script, a removal tens of milliseconds, and a restarted worker's
+        # sessions must all end within a lease.
+        for container in orphans:
+            await self._end_own_orphan(_session_of(container))
         removed = 0
-        for container in await self.runtime.labelled(self.labels):
-            session_id = container.get("Labels", {}).get(LABEL_SESSION, "")
-            if self.owns(session_id, container["Id"]):
+        for container in orphans:
+            # Asked again: a pool may have taken up a member meanwhile.
+            if self.owns(_session_of(container), container["Id"]):
                 continue
-            await self._end_own_orphan(session_id)
             try:
                 await self.runtime.remove(container["Id"])
             except SandboxError:
@@ -122,3 +132,7 @@ class Reconciler:
     async def end_lapsed_sessions(self) -> int:
         """End every claimed session whose lease has lapsed, on any node."""
         return await self.store.end_lapsed()
+
+
+def _session_of(container: dict[str, Any]) -> str:
+    return str(container.get("Labels", {}).get(LABEL_SESSION, ""))

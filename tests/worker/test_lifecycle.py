@@ -234,6 +234,66 @@ class TestWorkerLoss:
         assert admitted_after_s < LEASE_MS / 1000 + 1
 
 
+async def heartbeat_field(fleet: LocalFleet, name: str) -> str:
+    """A field of the node's last heartbeat record."""
+    redis = Redis.from_url(fleet.redis_url, decode_responses=True)
+    async with redis:
+        key = Keys(fleet.settings.key_prefix).node(fleet.settings.worker.node)
+        return str(await redis.hget(key, name))  # type: ignore[misc]
+
+
+def container_running(container_id: str) -> bool:
+    return (
+        subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Running}}", container_id],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        == "true"
+    )
+
+
+class TestOneWorkerPerNode:
+    async def test_a_second_worker_of_a_live_node_refuses_to_start(
+        self, short_fleet: LocalFleet
+    ) -> None:
+        """A worker started with a live worker's node name exits 2 with one
+        line saying so, and the live worker's session runs on untouched."""
+        node = short_fleet.settings.worker.node
+        async with FleetClient(short_fleet.url, short_fleet.api_key) as client:
+            created = await client.create_session("sleep")
+            await wait_state(client, created["id"], "running")
+            before = containers_of(created["id"])
+            live = await heartbeat_field(short_fleet, "instance")
+
+            second = short_fleet.start("worker-2", "worker")
+            started = time.monotonic()
+            code = await asyncio.to_thread(second.wait, 30)
+            refused_after_s = time.monotonic() - started
+            short_fleet.processes.pop("worker-2")
+            await asyncio.sleep(1)
+            view = await client.session(created["id"])
+            after = containers_of(created["id"])
+            running = container_running(before[0])
+            await client.cancel(created["id"])
+
+        output = short_fleet.log("worker-2")
+        refusals = [line for line in output.splitlines() if "cannot start" in line]
+        assert code == 2
+        assert refusals == [
+            f"acp-fleet: worker cannot start: node {node!r} is run by another "
+            f"live worker ({live}): one worker per node; stop that one first, "
+            "or give this one another worker.node"
+        ]
+        assert "worker.started" not in output
+        assert "reconcile" not in output
+        assert refused_after_s < 10
+        assert view["state"] == "running"
+        assert after == before
+        assert running
+
+
 class TestDrain:
     async def test_sigterm_lets_short_sessions_finish_and_drains_the_rest(
         self, short_fleet: LocalFleet
