@@ -38,7 +38,7 @@ COLD_SPANS = {
     "docker.wait_exit",
     "docker.remove",
 }
-WARM_SPANS = {*tracing.PHASES, "pool.claim", "docker.running", "docker.remove"}
+WARM_SPANS = {*tracing.PHASES, "pool.claim", "docker.remove"}
 PROFILES = {
     "echo-cold": busybox_profile("cat; exit 4"),
     "echo-warm": {
