@@ -56,6 +56,18 @@ def session_keys(fleet: LocalFleet) -> list[bytes]:
         return list(redis.scan_iter(f"{keys.prefix}:session:*"))
 
 
+def post_body(api: LocalFleet, content: bytes | Iterator[bytes]) -> httpx.Response:
+    """POST raw bytes as a JSON session request with delta's key."""
+    return httpx.post(
+        f"{api.url}/v1/sessions",
+        content=content,
+        headers={
+            "Authorization": f"Bearer {api.api_keys['delta']}",
+            "Content-Type": "application/json",
+        },
+    )
+
+
 async def create_many(fleet: LocalFleet, org: str, count: int) -> Counter[str]:
     """Create ``count`` sessions at once; count admissions and refusal codes."""
     async with FleetClient(fleet.url, fleet.api_keys[org]) as client:
@@ -353,14 +365,7 @@ class TestBadInput:
         """Each malformed or out-of-range body is a 422 naming what is wrong."""
         before = session_keys(api)
 
-        response = httpx.post(
-            f"{api.url}/v1/sessions",
-            content=body,
-            headers={
-                "Authorization": f"Bearer {api.api_keys['delta']}",
-                "Content-Type": "application/json",
-            },
-        )
+        response = post_body(api, body)
 
         assert response.status_code == 422, response.text
         error = response.json()["error"]
@@ -455,14 +460,7 @@ class TestLimitsOfInput:
                 yield b"a" * 65536
             yield b'"}}'
 
-        response = httpx.post(
-            f"{api.url}/v1/sessions",
-            content=chunks(),
-            headers={
-                "Authorization": f"Bearer {api.api_keys['delta']}",
-                "Content-Type": "application/json",
-            },
-        )
+        response = post_body(api, chunks())
 
         assert response.status_code == 413, response.text
         assert response.json()["error"] == {
@@ -478,14 +476,7 @@ class TestLimitsOfInput:
         """JSON nested past the parser's depth is a 422 body_too_deep."""
         body = b'{"profile": "sh", "env": ' + b"[" * depth + b"]" * depth + b"}"
 
-        response = httpx.post(
-            f"{api.url}/v1/sessions",
-            content=body,
-            headers={
-                "Authorization": f"Bearer {api.api_keys['delta']}",
-                "Content-Type": "application/json",
-            },
-        )
+        response = post_body(api, body)
 
         assert response.status_code == 422, response.text
         error = response.json()["error"]
@@ -494,14 +485,7 @@ class TestLimitsOfInput:
 
     def test_a_body_that_is_not_utf8_says_so(self, api: LocalFleet) -> None:
         """Bytes that are not UTF-8 are a 422 saying where decoding failed."""
-        response = httpx.post(
-            f"{api.url}/v1/sessions",
-            content=b'{"profile": "\xff"}',
-            headers={
-                "Authorization": f"Bearer {api.api_keys['delta']}",
-                "Content-Type": "application/json",
-            },
-        )
+        response = post_body(api, b'{"profile": "\xff"}')
 
         assert response.status_code == 422, response.text
         error = response.json()["error"]
