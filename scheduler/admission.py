@@ -21,6 +21,7 @@ from arq.utils import timestamp_ms
 
 from scheduler.auth import Authenticator
 from shared.errors import AdmissionRefused, InvalidRequest
+from shared.keys import SESSION_JOB
 from shared.limits import MIB
 from shared.models import CreateSession, SessionCreated, SessionState
 from shared.settings import AgentProfile, FleetSettings
@@ -144,7 +145,7 @@ class Admission:
     async def enqueue(self, session_id: str) -> None:
         """Hand an admitted session to the workers' queue."""
         await self.arq.enqueue_job(
-            "run_session",
+            SESSION_JOB,
             session_id,
             _job_id=session_id,
             _queue_name=self.store.keys.arq_queue,
@@ -166,7 +167,7 @@ class Admission:
         """The session's arq job, as ``enqueue`` would write it."""
         now_ms = timestamp_ms()
         payload = serialize_job(
-            "run_session",
+            SESSION_JOB,
             (session_id,),
             {},
             None,

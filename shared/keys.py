@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The arq function that runs a session; admission queues jobs of it.
+SESSION_JOB = "run_session"
 # Rate limits count admissions over a sliding minute.
 RATE_WINDOW_MS = 60_000
 # An ended session's record and streams stay this long for status reads

@@ -379,9 +379,7 @@ class WorkerConfig(_Strict):
     @field_validator("workspace_root")
     @classmethod
     def _absolute_root(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError(f"{path!r} must be an absolute path on the node")
-        return path
+        return _absolute_path(path)
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> WorkerConfig:
@@ -434,9 +432,7 @@ class DockerProxyConfig(_Strict):
     @field_validator("listen_path")
     @classmethod
     def _absolute_listen_path(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError(f"{path!r} must be an absolute path")
-        return path
+        return _absolute_path(path)
 
     @field_validator("upstream_url")
     @classmethod
@@ -489,6 +485,12 @@ def _is_one_host_name(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _absolute_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} must be an absolute path on the node")
+    return path
 
 
 def _default_docker_url() -> str:

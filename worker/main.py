@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from shared.errors import SandboxError
-from shared.keys import Keys
+from shared.keys import SESSION_JOB, Keys
 from shared.logs import FailureStreak, configure_logging
 from shared.models import EgressRecord
 from shared.settings import FleetSettings
@@ -76,7 +76,7 @@ def build_worker(settings: FleetSettings, ownership: NodeOwnership) -> Worker:
         functions=[
             # One try only: a session must never start twice, and a job
             # that arq retries finds its session already claimed.
-            func(run_session, name="run_session", max_tries=1),
+            func(run_session, name=SESSION_JOB, max_tries=1),
         ],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         queue_name=keys.arq_queue,

@@ -822,32 +822,14 @@ class SessionRun:
 
     @traced("removal")
     async def _cleanup(self, outcome: Outcome) -> None:
+        """Remove the sandbox, then its workspace, then record the end."""
         annotate(**{"fleet.cause": outcome.cause.value})
         # The end itself is counted where it is recorded (SessionStore.finish).
         if self._started:
             METRICS.running.add(-1, self._running_attributes())
-        if self.stdio is not None:
-            self.stdio.abort()
-        removed = self.container_id is None
-        if self.container_id is not None:
-            try:
-                await self.runtime.remove(self.container_id)
-                removed = True
-                self._container_removed()
-            except SandboxError:
-                log.exception("session.remove_failed")
-        extra = {}
-        if not self._lease_lost:
-            extra = await self._keep_workspace()
-        if self._formatting is not None:
-            # A create that failed must not race the mount still being made.
-            await asyncio.gather(self._formatting, return_exceptions=True)
-        if self.workspace is not None and removed:
-            # Only now is no sandbox left holding the workspace.
-            try:
-                await self.workspace.remove()
-            except SandboxError:
-                log.exception("session.workspace_remove_failed")
+        removed = await self._remove_container()
+        extra = {} if self._lease_lost else await self._keep_workspace()
+        await self._remove_workspace(container_gone=removed)
         if self._proxy_env and self.runner.egress is not None:
             # Before the end is recorded, so a reader who sees the session
             # ended also sees every one of its connections.
@@ -855,6 +837,35 @@ class SessionRun:
         if self._lease_lost:
             log.info("session.ended", cause="worker_lost", recorded_by="another")
             return
+        await self._record_end(outcome, extra)
+
+    async def _remove_container(self) -> bool:
+        """Remove the sandbox; True once no container of the session is left."""
+        if self.stdio is not None:
+            self.stdio.abort()
+        if self.container_id is None:
+            return True
+        try:
+            await self.runtime.remove(self.container_id)
+        except SandboxError:
+            log.exception("session.remove_failed")
+            return False
+        self._container_removed()
+        return True
+
+    async def _remove_workspace(self, *, container_gone: bool) -> None:
+        if self._formatting is not None:
+            # A create that failed must not race the mount still being made.
+            await asyncio.gather(self._formatting, return_exceptions=True)
+        if self.workspace is None or not container_gone:
+            return
+        # Only now is no sandbox left holding the workspace.
+        try:
+            await self.workspace.remove()
+        except SandboxError:
+            log.exception("session.workspace_remove_failed")
+
+    async def _record_end(self, outcome: Outcome, extra: dict[str, str]) -> None:
         try:
             await self.store.audit(
                 self.session_id,

@@ -205,15 +205,19 @@ class Spares:
         workspace = Workspace(self.root, f"{self.prefix}-{secrets.token_hex(6)}")
         self.names.add(workspace.dir.name)
         self._making[key] = self._making.get(key, 0) + 1
+        made = False
         try:
             await workspace.create(size_bytes, uid=uid, gid=gid)
+            made = True
         except SandboxError:
-            self.names.discard(workspace.dir.name)
             log.warning("workspace.spare_failed", exc_info=True)
-            return
         finally:
             self._making[key] -= 1
-        self._ready.setdefault(key, []).append(workspace)
+            # A failed or cancelled spare removed itself; its name goes too.
+            if not made:
+                self.names.discard(workspace.dir.name)
+        if made:
+            self._ready.setdefault(key, []).append(workspace)
 
     async def made(self) -> None:
         """Wait for the spares being made now."""
