@@ -105,8 +105,8 @@ class Admission:
         outcome = "admitted" if admission.admitted else admission.reason or "refused"
         scheduler_metrics().admissions.add(1, {"outcome": outcome, "org": org})
         if not admission.admitted:
+            # The API's refusal handler logs who was refused and why.
             reason = admission.reason or "refused"
-            log.info("session.refused", org=org, reason=reason)
             raise AdmissionRefused(
                 reason,
                 _REFUSALS.get(reason, "Admission refused."),

@@ -182,8 +182,16 @@ def create_app(settings: FleetSettings) -> FastAPI:
         summary="Run ACP coding agents in hardened sandboxes.",
         lifespan=lifespan,
         # FastAPI's own request spans would each start a trace with no
-        # session in it; the fleet traces sessions (shared.tracing).
-        telemetry={"tracing": False, "operation_spans": False},
+        # session in it; the fleet traces sessions (shared.tracing). Its
+        # per-request HTTP metrics cost a sixth of an admission's CPU and
+        # say less than the fleet's own admission counters and phase
+        # histograms; request latency is the ingress' to measure.
+        telemetry={
+            "tracing": False,
+            "operation_spans": False,
+            "metrics": False,
+            "logs": False,
+        },
     )
 
     @app.exception_handler(RequestRefused)
