@@ -17,7 +17,7 @@ import structlog
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from shared.store import SessionStore
+from shared.store import Channel, SessionStore
 from shared.wire import encode_output, parse_cursor
 
 log = structlog.get_logger("scheduler.gateway")
@@ -114,10 +114,20 @@ async def _attached(store: SessionStore, session_id: str, every_s: float) -> Non
 async def _outbound(
     ws: WebSocket, store: SessionStore, session_id: str, cursor: str
 ) -> None:
+    reads = store.blocking_channel()
+    try:
+        await _send_output(ws, store, reads, session_id, cursor)
+    finally:
+        await reads.close()
+
+
+async def _send_output(
+    ws: WebSocket, store: SessionStore, reads: Channel, session_id: str, cursor: str
+) -> None:
     key = store.keys.stdout(session_id)
     position: bytes | str = cursor
     while True:
-        entries = await store.read_stream(key, position, block_ms=0)
+        entries = await store.read_stream(key, position, block_ms=0, via=reads)
         for entry_id, fields in entries:
             position = entry_id
             if b"end" in fields:
@@ -135,19 +145,26 @@ async def _outbound(
 async def _inbound(
     ws: WebSocket, store: SessionStore, session_id: str, numbering: Numbering
 ) -> None:
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        if message.get("bytes"):
-            await _stdin(ws, store, session_id, message["bytes"], numbering)
-        elif message.get("text") is not None:
-            await _control(ws, store, session_id, message["text"], numbering)
+    writes = store.command_channel()
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes"):
+                await _stdin(ws, store, writes, session_id, message["bytes"], numbering)
+            elif message.get("text") is not None:
+                await _control(
+                    ws, store, writes, session_id, message["text"], numbering
+                )
+    finally:
+        await writes.close()
 
 
 async def _stdin(
     ws: WebSocket,
     store: SessionStore,
+    writes: Channel,
     session_id: str,
     data: bytes,
     numbering: Numbering,
@@ -156,10 +173,14 @@ async def _stdin(
     # feels the backpressure and Redis holds a bounded backlog.
     # The worker announces nothing when it catches up: the write is retried.
     seq, writer = numbering.take(), numbering.writer
-    pending = await store.write_stdin(session_id, "d", data, writer=writer, seq=seq)
+    pending = await store.write_stdin(
+        session_id, "d", data, writer=writer, seq=seq, via=writes
+    )
     while pending == -2:
         await asyncio.sleep(STDIN_RETRY_S)
-        pending = await store.write_stdin(session_id, "d", data, writer=writer, seq=seq)
+        pending = await store.write_stdin(
+            session_id, "d", data, writer=writer, seq=seq, via=writes
+        )
     if pending == -1:
         await _refuse_message(
             ws, "session_ended", "The session has ended; its agent reads no stdin."
@@ -184,6 +205,7 @@ async def _ack_stdin(ws: WebSocket, seq: int) -> None:
 async def _control(
     ws: WebSocket,
     store: SessionStore,
+    writes: Channel,
     session_id: str,
     text: str,
     numbering: Numbering,
@@ -196,7 +218,7 @@ async def _control(
     if kind == "eof":
         seq = numbering.take()
         written = await store.write_stdin(
-            session_id, "eof", writer=numbering.writer, seq=seq
+            session_id, "eof", writer=numbering.writer, seq=seq, via=writes
         )
         if written >= 0:
             await _ack_stdin(ws, seq)

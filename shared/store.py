@@ -18,6 +18,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -148,6 +149,60 @@ class Quota:
     # How long a queued session holds its slot, and its record lives.
     slot_ttl_ms: int
     session_ttl_ms: int
+
+
+class Channel:
+    """A connection of its own for one relay loop: a session's stdin or its
+    output, on one side of Redis.
+
+    Such a loop sends one command at a time and waits for its reply, so it
+    needs no pool, no pool lock and none of the client's per-call wrappers,
+    which cost half the CPU of a command through redis-py's client; on the
+    relay's path every message pays them. The connection takes the
+    settings of ``client``'s pool, and each command ends within
+    ``timeout_s`` (None: as the Redis command itself bounds it). A command
+    that fails or is cancelled closes the connection, whose reply could
+    otherwise arrive for the next command; the next one opens it again.
+    """
+
+    def __init__(self, client: Redis, *, timeout_s: float | None) -> None:
+        pool = client.connection_pool
+        self._connection: AbstractConnection = pool.connection_class(
+            **{**pool.connection_kwargs, "socket_timeout": None}
+        )
+        self._timeout_s = timeout_s
+
+    async def execute(self, *args: EncodableT) -> Any:
+        """Send one command and return its reply, unparsed."""
+        connection = self._connection
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await connection.send_packed_command(
+                    connection.pack_command(*args), check_health=False
+                )
+                return await connection.read_response()
+        except ResponseError:
+            raise
+        except TimeoutError as exc:
+            await connection.disconnect(nowait=True)
+            raise RedisTimeoutError(f"no reply from Redis to {args[0]!r}") from exc
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+
+    async def script(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> Any:
+        """Run a registered script, loading it first if Redis lost it."""
+        try:
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.execute("SCRIPT", "LOAD", script.script)
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        """Close the connection; a later command opens it again."""
+        await self._connection.disconnect(nowait=True)
 
 
 class ScriptBatch:
@@ -380,9 +435,15 @@ class SessionStore:
         return Renewal(int(reply))
 
     async def append(
-        self, claim: Claim, entries: Sequence[tuple[bytes, bytes]], ttl_ms: int
+        self,
+        claim: Claim,
+        entries: Sequence[tuple[bytes, bytes]],
+        ttl_ms: int,
+        *,
+        via: Channel | None = None,
     ) -> int:
-        """Add stdout/stderr entries, fenced by the lease.
+        """Add stdout/stderr entries, fenced by the lease; a relay loop sends
+        them ``via`` its own channel.
 
         Returns:
             The bytes of output that no client has acknowledged yet.
@@ -395,10 +456,12 @@ class SessionStore:
             args += [field, value]
         k = self.keys
         sid = claim.session_id
+        keys = [k.lease(sid), k.stdout(sid), k.session(sid)]
         try:
-            _, backlog = await self._append(
-                keys=[k.lease(sid), k.stdout(sid), k.session(sid)], args=args
-            )
+            if via is None:
+                _, backlog = await self._append(keys=keys, args=args)
+            else:
+                _, backlog = await via.script(self._append, keys, args)
         except ResponseError as exc:
             if "LEASE_LOST" in str(exc):
                 raise LeaseLost(sid) from exc
@@ -527,8 +590,10 @@ class SessionStore:
         max_pending_bytes: int = STDIN_PENDING_BYTES,
         writer: str = "",
         seq: int = 0,
+        via: Channel | None = None,
     ) -> int:
-        """Append client-to-agent data (``d``), ``eof`` or ``cancel``.
+        """Append client-to-agent data (``d``), ``eof`` or ``cancel``; a
+        relay loop writes ``via`` its own channel.
 
         A ``writer`` numbers its messages with ``seq`` from 1; one it sends
         again after a lost connection is taken as written and not repeated.
@@ -540,11 +605,18 @@ class SessionStore:
             follows an ``eof`` and nothing was written.
         """
         k = self.keys
-        reply = await self._stdin(
-            keys=[k.session(session_id), k.stdin(session_id)],
-            args=[field, value, max_pending_bytes, RETENTION_MS, writer, seq],
-        )
-        return int(reply)
+        keys = [k.session(session_id), k.stdin(session_id)]
+        args: list[EncodableT] = [
+            field,
+            value,
+            max_pending_bytes,
+            RETENTION_MS,
+            writer,
+            seq,
+        ]
+        if via is None:
+            return int(await self._stdin(keys=keys, args=args))
+        return int(await via.script(self._stdin, keys, args))
 
     async def consumed_stdin(
         self, session_id: str, entry_id: bytes, consumed_bytes: int
@@ -585,12 +657,19 @@ class SessionStore:
         return _text(last[0][0]) if last else None
 
     async def read_stream(
-        self, key: str, cursor: bytes | str, *, block_ms: int, count: int = 512
+        self,
+        key: str,
+        cursor: bytes | str,
+        *,
+        block_ms: int,
+        count: int = 512,
+        via: Channel | None = None,
     ) -> list[StreamEntry]:
         """Read entries after ``cursor``, waiting up to ``block_ms`` (0: forever).
 
         Returns an empty list when the wait ends with nothing new. The wait
         never fails on the blocking client's socket timeout, however long.
+        A relay loop reads ``via`` its own channel (``blocking_channel``).
         """
         deadline = None if block_ms == 0 else time.monotonic() + block_ms / 1000
         slice_ms = self._slice_ms()
@@ -601,9 +680,29 @@ class SessionStore:
                 if left_ms <= 0:
                     return []
                 wait_ms = min(slice_ms, left_ms)
+            if via is not None:
+                raw = await via.execute(
+                    "XREAD", "COUNT", count, "BLOCK", wait_ms, "STREAMS", key, cursor
+                )
+                if raw:
+                    return [
+                        (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                        for entry_id, flat in raw[0][1]
+                    ]
+                continue
             reply = await self.blocking.xread({key: cursor}, count=count, block=wait_ms)
             if reply:
                 return [(bytes(i), dict(f)) for i, f in reply[0][1]]
+
+    def command_channel(self) -> Channel:
+        """A channel of its own for a relay loop's writes, each bounded in
+        time as the command client's are."""
+        timeout_s = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        return Channel(self.redis, timeout_s=timeout_s)
+
+    def blocking_channel(self) -> Channel:
+        """A channel of its own for a relay loop's blocking reads."""
+        return Channel(self.blocking, timeout_s=None)
 
     def _slice_ms(self) -> int:
         timeout_s = self.blocking.connection_pool.connection_kwargs.get(

@@ -125,11 +125,15 @@ WORKER_SPECS = {
         "s",
         "Time from admission to a worker's claim, by profile, warm or cold.",
     ),
+    # Counted on every relayed message, so summed in the process (Tally).
     "relayed_bytes": Spec(
-        "counter", "fleet.relay.bytes", "By", "Bytes relayed, by direction and stream."
+        "observable_counter",
+        "fleet.relay.bytes",
+        "By",
+        "Bytes relayed, by direction and stream.",
     ),
     "relayed_messages": Spec(
-        "counter",
+        "observable_counter",
         "fleet.relay.messages",
         "{message}",
         "Lines relayed (ACP messages on stdout and stdin), by direction and stream.",
@@ -222,6 +226,37 @@ class Gauges:
         return observe
 
 
+Labels = tuple[tuple[str, str], ...]
+
+
+def labels(**attributes: str) -> Labels:
+    """Attributes in the hashable form ``Tally.add`` takes."""
+    return tuple(sorted(attributes.items()))
+
+
+class Tally:
+    """A monotonic count kept in the process and read at each scrape.
+
+    For what grows with every relayed message: adding to a dict costs a
+    small fraction of a synchronous counter's ``add``, which builds and
+    hashes a measurement each time. The scrape thread copies the totals
+    in one step the event loop cannot interleave with.
+    """
+
+    def __init__(self) -> None:
+        self._totals: dict[Labels, int] = {}
+
+    def add(self, amount: int, attributes: Labels) -> None:
+        """Count ``amount`` more under ``attributes`` (from ``labels``)."""
+        self._totals[attributes] = self._totals.get(attributes, 0) + amount
+
+    def observe(self, _: Any) -> list[metrics.Observation]:
+        return [
+            metrics.Observation(total, dict(attributes))
+            for attributes, total in list(self._totals.items())
+        ]
+
+
 def _instruments(
     scope: str, specs: dict[str, Spec], gauges: Gauges | None = None
 ) -> dict[str, Any]:
@@ -229,12 +264,16 @@ def _instruments(
     made: dict[str, Any] = {}
     for name, spec in specs.items():
         options: dict[str, Any] = {"unit": spec.unit, "description": spec.description}
-        if spec.kind.startswith("observable_"):
+        tally = Tally() if spec.kind == "observable_counter" else None
+        if tally is not None:
+            options["callbacks"] = [tally.observe]
+        elif spec.kind.startswith("observable_"):
             assert gauges is not None, spec.name
             options["callbacks"] = [gauges.callback(name)]
         if spec.kind == "histogram":
             options["explicit_bucket_boundaries_advisory"] = spec.buckets
-        made[name] = getattr(meter, f"create_{spec.kind}")(spec.name, **options)
+        instrument = getattr(meter, f"create_{spec.kind}")(spec.name, **options)
+        made[name] = tally or instrument
     return made
 
 
@@ -277,8 +316,8 @@ class WorkerMetrics:
 
     starts: metrics.Counter
     queue_wait: metrics.Histogram
-    relayed_bytes: metrics.Counter
-    relayed_messages: metrics.Counter
+    relayed_bytes: Tally
+    relayed_messages: Tally
     backlog: metrics.ObservableGauge
     slow_clients: metrics.Counter
     running: metrics.UpDownCounter

@@ -99,6 +99,7 @@ PROFILES: dict[str, Any] = {
     ),
     "probe": busybox_profile(C07_PROBE + "; " + C07_PROBE),
     "wait-stdin": busybox_profile("cat", memory="1g"),
+    "count-stdin": busybox_profile("wc -c"),
     "yes": busybox_profile("yes"),
     "inspect": busybox_profile(
         "grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; "

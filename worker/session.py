@@ -24,8 +24,8 @@ from shared.errors import FrameError, LeaseLost, RelayError, SandboxError
 from shared.keys import RETENTION_MS
 from shared.models import EndCause, Outcome
 from shared.settings import AgentProfile, FleetSettings
-from shared.store import Claim, Renewal, SessionStore
-from shared.telemetry import shared_metrics, worker_metrics
+from shared.store import Channel, Claim, Renewal, SessionStore
+from shared.telemetry import labels, shared_metrics, worker_metrics
 from shared.tracing import SessionTrace, annotate, traced
 from worker.acp import AcpGuard
 from worker.cgroups import forks_refused, known_pids_events, pids_events_path
@@ -48,11 +48,15 @@ log = structlog.get_logger("worker.session")
 # milliseconds; past this the relay reports the Engine as stuck.
 _EXIT_WAIT_S = 30.0
 METRICS = worker_metrics()
-_OUT_ATTRIBUTES = {
-    b"o": {"direction": "out", "stream": "stdout"},
-    b"e": {"direction": "out", "stream": "stderr"},
+_OUT_LABELS = {
+    b"o": labels(direction="out", stream="stdout"),
+    b"e": labels(direction="out", stream="stderr"),
 }
-_IN_ATTRIBUTES = {"direction": "in", "stream": "stdin"}
+_IN_LABELS = labels(direction="in", stream="stdin")
+# How far behind a worker reports the stdin its agent was given. Writes
+# through the relay run at tens of MB/s, so the reports lag the scheduler's
+# bound on pending stdin by well under a tenth of it.
+CONSUMED_REPORT_S = 0.01
 # How often a running sandbox's refused forks are counted; a fork bomb
 # holds the limit far longer than this.
 _PIDS_CHECK_S = 0.5
@@ -222,6 +226,8 @@ class SessionRun:
         self._pids_events: Path | None = None
         self._forks_refused = 0
         self.backlog_bytes = 0
+        # The agent's output goes to Redis on a connection of its own.
+        self._output = self.store.command_channel()
         # The proxy variables of an egress session; its credentials live in
         # the proxy from the spec until cleanup.
         self._proxy_env: dict[str, str] = {}
@@ -515,7 +521,10 @@ class SessionRun:
             asyncio.create_task(self._supervised(self._watch_pids(), "pids")),
         ]
         try:
-            await self._pump_out()
+            try:
+                await self._pump_out()
+            finally:
+                await self._output.close()
             # The cgroup may outlive the attach stream by a moment: one more
             # look catches a fork refused just before the end.
             self._count_refused_forks()
@@ -567,15 +576,17 @@ class SessionRun:
             return
         self._last_stdio = time.monotonic()
         try:
-            backlog = await self.store.append(self.claim, entries, RETENTION_MS)
+            backlog = await self.store.append(
+                self.claim, entries, RETENTION_MS, via=self._output
+            )
         except LeaseLost:
             self._lose_lease()
             return
         self.backlog_bytes = backlog
         await self._wait_for_client(backlog)
         for name, data in entries:
-            METRICS.relayed_bytes.add(len(data), _OUT_ATTRIBUTES[name])
-            METRICS.relayed_messages.add(_messages(name, data), _OUT_ATTRIBUTES[name])
+            METRICS.relayed_bytes.add(len(data), _OUT_LABELS[name])
+            METRICS.relayed_messages.add(_messages(name, data), _OUT_LABELS[name])
         if not self._first_byte and any(name == b"o" for name, _ in entries):
             self._first_byte = True
             self._phase("first_byte", time.monotonic() - self._ready_at)
@@ -595,7 +606,7 @@ class SessionRun:
         log.info("session.slow_client", backlog_bytes=backlog_bytes)
         METRICS.slow_clients.add(1)
         notice = [(b"slow", str(backlog_bytes).encode())]
-        await self.store.append(self.claim, notice, RETENTION_MS)
+        await self.store.append(self.claim, notice, RETENTION_MS, via=self._output)
         # Resume at half the bound, so a client reading steadily does not
         # make the relay stop and start on every acknowledgement.
         while backlog_bytes > bound // 2 and self._stop_cause is None:
@@ -614,11 +625,24 @@ class SessionRun:
                 allow_fs=self.profile.allow_fs,
                 max_line_bytes=self.profile.max_line_bytes,
             )
+        consumed = ConsumedStdin(self.store, self.session_id)
+        reporting = asyncio.create_task(
+            self._supervised(consumed.report_forever(), "stdin_consumed")
+        )
+        self._tasks.append(reporting)
+        reads = self.store.blocking_channel()
+        try:
+            await self._relay_stdin(reads, consumed, guard)
+        finally:
+            await reads.close()
+
+    async def _relay_stdin(
+        self, reads: Channel, consumed: ConsumedStdin, guard: AcpGuard | None
+    ) -> None:
         key = self.store.keys.stdin(self.session_id)
         cursor = b"0-0"
         while True:
-            entries = await self.store.read_stream(key, cursor, block_ms=0)
-            consumed = 0
+            entries = await self.store.read_stream(key, cursor, block_ms=0, via=reads)
             for entry_id, fields in entries:
                 cursor = entry_id
                 if b"cancel" in fields:
@@ -632,10 +656,9 @@ class SessionRun:
                 data = fields.get(b"d", b"")
                 self._last_stdio = time.monotonic()
                 await self._write(guard.feed(data) if guard else data)
-                consumed += len(data)
-                METRICS.relayed_bytes.add(len(data), _IN_ATTRIBUTES)
-                METRICS.relayed_messages.add(data.count(b"\n"), _IN_ATTRIBUTES)
-            await self.store.consumed_stdin(self.session_id, cursor, consumed)
+                consumed.add(cursor, len(data))
+                METRICS.relayed_bytes.add(len(data), _IN_LABELS)
+                METRICS.relayed_messages.add(data.count(b"\n"), _IN_LABELS)
 
     async def _write(self, data: bytes) -> None:
         assert self.stdio is not None
@@ -926,6 +949,38 @@ class SessionRun:
             log.exception("session.workspace_archive_failed")
             return {"workspace_archive": "failed"}
         return {"workspace_archive": "stored"}
+
+
+class ConsumedStdin:
+    """What the agent has been given of its stdin, reported in arrears.
+
+    A report trims the stdin stream and frees room under the scheduler's
+    bound on pending stdin (``STDIN_PENDING_BYTES``). It is no part of
+    getting a message to the agent, so it stays off that path: one report
+    at most every ``CONSUMED_REPORT_S`` carries all written since the last.
+    """
+
+    def __init__(self, store: SessionStore, session_id: str) -> None:
+        self.store = store
+        self.session_id = session_id
+        self._cursor = b"0-0"
+        self._bytes = 0
+        self._due = asyncio.Event()
+
+    def add(self, cursor: bytes, written_bytes: int) -> None:
+        """Note the entries up to ``cursor`` as written to the agent."""
+        self._cursor = cursor
+        self._bytes += written_bytes
+        self._due.set()
+
+    async def report_forever(self) -> None:
+        """Send what was noted, in arrears, until cancelled."""
+        while True:
+            await self._due.wait()
+            await asyncio.sleep(CONSUMED_REPORT_S)
+            self._due.clear()
+            cursor, written, self._bytes = self._cursor, self._bytes, 0
+            await self.store.consumed_stdin(self.session_id, cursor, written)
 
 
 def _messages(name: bytes, data: bytes) -> int:

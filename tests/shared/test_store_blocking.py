@@ -28,21 +28,30 @@ class TestBlockingReads:
         self, short_timeout_store: SessionStore
     ) -> None:
         """C11: a 30 s wait on an idle stream returns empty, a forever wait
-        returns the entry that arrives after 20 s; neither raises."""
+        returns the entry that arrives after 20 s; neither raises. The same
+        holds for the relay's reads on channels of their own."""
         store = short_timeout_store
+        reads = [store.blocking_channel() for _ in range(2)]
 
         async def late_entry() -> None:
             await asyncio.sleep(20)
             await store.redis.xadd("c11:late", {"d": b"late"})
 
         started = time.monotonic()
-        idle, late, _ = await asyncio.gather(
-            store.read_stream("c11:idle", "0-0", block_ms=30_000),
-            store.read_stream("c11:late", "0-0", block_ms=0),
-            late_entry(),
-        )
+        try:
+            idle, late, idle_via, late_via, _ = await asyncio.gather(
+                store.read_stream("c11:idle", "0-0", block_ms=30_000),
+                store.read_stream("c11:late", "0-0", block_ms=0),
+                store.read_stream("c11:idle", "0-0", block_ms=30_000, via=reads[0]),
+                store.read_stream("c11:late", "0-0", block_ms=0, via=reads[1]),
+                late_entry(),
+            )
+        finally:
+            for channel in reads:
+                await channel.close()
         elapsed_s = time.monotonic() - started
 
-        assert idle == []
+        assert idle == idle_via == []
         assert [fields for _, fields in late] == [{b"d": b"late"}]
+        assert late_via == late
         assert 29.5 <= elapsed_s < 40

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from scheduler.client import FleetClient, SlowClient
 from shared.keys import Keys
 from shared.localfleet import LocalFleet
+from shared.store import STDIN_PENDING_BYTES
 from shared.wire import Output
 from tests.sandboxes import MIB, run_session
 
@@ -90,6 +91,18 @@ class TestStdioRelay:
         assert ran.end["cause"] == "agent_exit"
         assert ran.end["exit_code"] == 7
         assert ran.view["exit_code"] == 7
+
+    async def test_stdin_past_the_pending_bound_reaches_the_agent_whole(
+        self, fleet: LocalFleet
+    ) -> None:
+        """Three times the stdin a worker may fall behind by: the gateway
+        holds the client back until the worker's reports of what the agent
+        was given free room, and every byte arrives."""
+        size = 3 * STDIN_PENDING_BYTES
+        ran = await run_session(fleet, "count-stdin", stdin=b"x" * size, timeout_s=60)
+
+        assert int(ran.stdout) == size
+        assert ran.end["cause"] == "agent_exit"
 
     async def test_stdin_sent_before_the_agent_runs_arrives_in_order_once(
         self, fleet: LocalFleet

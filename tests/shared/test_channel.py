@@ -1,0 +1,88 @@
+"""A relay loop's own connection to Redis, against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.keys import Keys
+from shared.store import Channel, SessionStore
+
+ECHO = "return {KEYS[1], ARGV[1]}"
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_url)
+    yield redis
+    await redis.delete("channel:list", "channel:stream")
+    await redis.aclose()
+
+
+async def test_a_stream_read_matches_the_clients(client: Redis) -> None:
+    await client.xadd("channel:stream", {"d": b"one", "n": 3})
+    await client.xadd("channel:stream", {"d": b"two"})
+    store = SessionStore(client, keys=Keys("channel"))
+    reads = store.blocking_channel()
+    try:
+        via = await store.read_stream("channel:stream", "0-0", block_ms=100, via=reads)
+    finally:
+        await reads.close()
+
+    plain = await store.read_stream("channel:stream", "0-0", block_ms=100)
+    assert via == plain
+    assert [fields for _, fields in via] == [{b"d": b"one", b"n": b"3"}, {b"d": b"two"}]
+
+
+async def test_a_timed_out_command_leaves_no_reply_for_the_next(client: Redis) -> None:
+    channel = Channel(client, timeout_s=0.2)
+    try:
+        with pytest.raises(RedisTimeoutError, match="BLPOP"):
+            await channel.execute("BLPOP", "channel:list", 1)
+        # BLPOP's reply would come once the list has an item; the channel
+        # reconnected, so nothing of it reaches the next command.
+        await client.rpush("channel:list", "late")
+        assert await channel.execute("PING") == b"PONG"
+        assert await channel.execute("LLEN", "channel:list") == 1
+    finally:
+        await channel.close()
+
+
+async def test_a_cancelled_command_leaves_no_reply_for_the_next(client: Redis) -> None:
+    channel = Channel(client, timeout_s=None)
+    try:
+        waiting = asyncio.create_task(channel.execute("BLPOP", "channel:list", 2))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await client.rpush("channel:list", "late")
+        assert await channel.execute("PING") == b"PONG"
+    finally:
+        await channel.close()
+
+
+async def test_an_error_reply_is_raised_and_the_channel_goes_on(client: Redis) -> None:
+    channel = Channel(client, timeout_s=1)
+    try:
+        with pytest.raises(ResponseError, match="unknown command"):
+            await channel.execute("NO-SUCH-COMMAND")
+        assert await channel.execute("PING") == b"PONG"
+    finally:
+        await channel.close()
+
+
+async def test_a_script_redis_lost_is_loaded_again(client: Redis) -> None:
+    script = client.register_script(ECHO)
+    channel = Channel(client, timeout_s=1)
+    try:
+        assert await channel.script(script, ["k"], ["v"]) == [b"k", b"v"]
+        await client.script_flush()
+        assert await channel.script(script, ["k2"], ["v2"]) == [b"k2", b"v2"]
+    finally:
+        await channel.close()
