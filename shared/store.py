@@ -4,6 +4,7 @@ It runs the scripts of ``shared.keys``, reads and writes the stdio streams,
 and turns redis-py's errors into the fleet's. Two clients are used: one for
 short commands, with a socket timeout, and one for blocking stream reads,
 whose reads are cut into slices shorter than any socket timeout it has.
+The relay's loops each take a ``Channel`` of their own from one of them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
@@ -58,6 +60,9 @@ _SOCKET_MARGIN_S = 1.0
 STDIN_PENDING_BYTES = 8 * 1024**2
 # Redis treats BLOCK 0 as "forever"; one slice of a forever read is this long.
 _FOREVER_SLICE_MS = 60_000
+# A channel unused for longer than this checks its connection before a
+# command: a closed one is replaced instead of failing the command.
+CHANNEL_IDLE_CHECK_S = 1.0
 # More short commands than this at once in one process wait for a free
 # connection; far above what a replica's requests and timers hold.
 _POOL_CONNECTIONS = 512
@@ -161,8 +166,11 @@ class Channel:
     relay's path every message pays them. The connection takes the
     settings of ``client``'s pool, and each command ends within
     ``timeout_s`` (None: as the Redis command itself bounds it). A command
-    that fails or is cancelled closes the connection, whose reply could
-    otherwise arrive for the next command; the next one opens it again.
+    that times out, fails on the socket or is cancelled closes the
+    connection, whose reply could otherwise arrive for the next command;
+    an error reply leaves it open. The next command opens it again, and a
+    connection idle for a while is checked first, as the pool checks one it
+    hands out, since Redis' ``timeout`` or a proxy may have closed it.
     """
 
     def __init__(self, client: Redis, *, timeout_s: float | None) -> None:
@@ -171,10 +179,15 @@ class Channel:
             **{**pool.connection_kwargs, "socket_timeout": None}
         )
         self._timeout_s = timeout_s
+        self._used_at = 0.0
 
     async def execute(self, *args: EncodableT) -> Any:
         """Send one command and return its reply, unparsed."""
         connection = self._connection
+        now = time.monotonic()
+        if now - self._used_at > CHANNEL_IDLE_CHECK_S and connection.is_connected:
+            await self._drop_if_closed()
+        self._used_at = now
         try:
             async with asyncio.timeout(self._timeout_s):
                 await connection.send_packed_command(
@@ -189,6 +202,16 @@ class Channel:
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
+
+    async def _drop_if_closed(self) -> None:
+        """Disconnect a connection the server closed, or that holds data no
+        command asked for, so that the next command reconnects."""
+        try:
+            stale = await self._connection.can_read_destructive()  # type: ignore[no-untyped-call]
+        except (RedisConnectionError, OSError):
+            stale = True
+        if stale:
+            await self._connection.disconnect(nowait=True)
 
     async def script(
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
@@ -256,7 +279,7 @@ class ScriptBatch:
                 call.reply.cancel()
             raise
         for call, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError):
+            if isinstance(reply, NoScriptError) and not call.reply.done():
                 # Redis lost its scripts (restarted, or flushed): the script
                 # object loads it again and runs this call alone.
                 try:
@@ -685,9 +708,14 @@ class SessionStore:
                     "XREAD", "COUNT", count, "BLOCK", wait_ms, "STREAMS", key, cursor
                 )
                 if raw:
+                    # One stream was read: RESP2 answers [[key, entries]],
+                    # RESP3 {key: entries}.
+                    entries = (
+                        next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
+                    )
                     return [
                         (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-                        for entry_id, flat in raw[0][1]
+                        for entry_id, flat in entries
                     ]
                 continue
             reply = await self.blocking.xread({key: cursor}, count=count, block=wait_ms)

@@ -327,11 +327,7 @@ def run_worker(settings: FleetSettings) -> None:
     # arq binds its signal handlers to the loop current at construction.
     # uvloop: the relay's every message is a few socket reads and writes,
     # and uvloop's are a fraction of the standard loop's cost.
-    loop = (
-        uvloop.new_event_loop()
-        if not __import__("os").environ.get("NOUV")
-        else asyncio.new_event_loop()
-    )
+    loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     # Before anything else, arq included: a second worker of a live node
     # must touch neither its containers, nor its keys, nor its metrics port.

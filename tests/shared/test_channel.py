@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared import store
 from shared.keys import Keys
 from shared.store import Channel, SessionStore
 
@@ -27,14 +28,16 @@ async def client(redis_url: str) -> AsyncIterator[Redis]:
 async def test_a_stream_read_matches_the_clients(client: Redis) -> None:
     await client.xadd("channel:stream", {"d": b"one", "n": 3})
     await client.xadd("channel:stream", {"d": b"two"})
-    store = SessionStore(client, keys=Keys("channel"))
-    reads = store.blocking_channel()
+    sessions = SessionStore(client, keys=Keys("channel"))
+    reads = sessions.blocking_channel()
     try:
-        via = await store.read_stream("channel:stream", "0-0", block_ms=100, via=reads)
+        via = await sessions.read_stream(
+            "channel:stream", "0-0", block_ms=100, via=reads
+        )
     finally:
         await reads.close()
 
-    plain = await store.read_stream("channel:stream", "0-0", block_ms=100)
+    plain = await sessions.read_stream("channel:stream", "0-0", block_ms=100)
     assert via == plain
     assert [fields for _, fields in via] == [{b"d": b"one", b"n": b"3"}, {b"d": b"two"}]
 
@@ -63,6 +66,23 @@ async def test_a_cancelled_command_leaves_no_reply_for_the_next(client: Redis) -
             await waiting
         await client.rpush("channel:list", "late")
         assert await channel.execute("PING") == b"PONG"
+    finally:
+        await channel.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced(
+    client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Redis' ``timeout`` closes an idle client: the channel's next
+    command reconnects instead of failing."""
+    monkeypatch.setattr(store, "CHANNEL_IDLE_CHECK_S", 0.0)
+    channel = Channel(client, timeout_s=1)
+    try:
+        own_id = await channel.execute("CLIENT", "ID")
+        assert await client.client_kill_filter(_id=own_id) == 1
+        await asyncio.sleep(0.05)
+        assert await channel.execute("PING") == b"PONG"
+        assert await channel.execute("CLIENT", "ID") != own_id
     finally:
         await channel.close()
 

@@ -28,7 +28,7 @@ async def store() -> AsyncIterator[SessionStore]:
 async def test_writes_between_reports_go_out_as_one(
     store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(session, "CONSUMED_REPORT_S", 0.05)
+    monkeypatch.setattr(session, "CONSUMED_REPORT_S", 0.3)
     for data in (b"one", b"two", b"three"):
         assert await store.write_stdin("s1", "d", data) > 0
     entries = await store.read_stream(KEYS.stdin("s1"), "0-0", block_ms=10)
@@ -43,9 +43,12 @@ async def test_writes_between_reports_go_out_as_one(
     consumed = ConsumedStdin(store, "s1")
     reporting = asyncio.create_task(consumed.report_forever())
     try:
+        # Written a moment apart, all within one report's delay.
         for entry_id, fields in entries:
             consumed.add(entry_id, len(fields[b"d"]))
-        await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
+        assert reports == []
+        await asyncio.sleep(0.4)
     finally:
         reporting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
