@@ -44,6 +44,7 @@ from shared.errors import (
     RequestRefused,
     Unauthorized,
 )
+from shared.heap import freeze_startup_heap
 from shared.keys import Keys
 from shared.logs import FailureStreak
 from shared.models import (
@@ -156,6 +157,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
         app.state.fleet = Fleet(settings, arq, blocking)
         sweeper = asyncio.create_task(_sweep_lapsed(app.state.fleet))
         watcher = asyncio.create_task(_watch_heartbeats(app.state.fleet))
+        freeze_startup_heap()
         log.info(
             "scheduler.started",
             host=settings.scheduler.host,

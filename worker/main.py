@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from shared.errors import SandboxError
+from shared.heap import freeze_startup_heap
 from shared.keys import SESSION_JOB, Keys
 from shared.logs import FailureStreak, configure_logging
 from shared.models import EgressRecord
@@ -69,6 +70,7 @@ def build_worker(settings: FleetSettings, ownership: NodeOwnership) -> Worker:
         ctx["node_task"] = asyncio.create_task(
             _beat_forever(ctx, settings, worker), name="node-heartbeat"
         )
+        freeze_startup_heap()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         await _stop(ctx)
