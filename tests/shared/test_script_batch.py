@@ -51,13 +51,19 @@ def counting_pipelines(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> list[in
     return sizes
 
 
+async def loaded_batch(
+    redis: FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> tuple[ScriptBatch, list[int]]:
+    """A batch of COUNT, already loaded, and the sizes of its pipelines."""
+    script = redis.register_script(COUNT)
+    await redis.script_load(COUNT)
+    return ScriptBatch(redis, script), counting_pipelines(redis, monkeypatch)
+
+
 async def test_calls_in_one_turn_share_one_pipeline(
     redis: FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script = redis.register_script(COUNT)
-    await redis.script_load(COUNT)
-    batch = ScriptBatch(redis, script)
-    sizes = counting_pipelines(redis, monkeypatch)
+    batch, sizes = await loaded_batch(redis, monkeypatch)
 
     replies = await asyncio.gather(
         *(batch(keys=["calls"], args=["ok"]) for _ in range(5))
@@ -70,10 +76,7 @@ async def test_calls_in_one_turn_share_one_pipeline(
 async def test_calls_in_later_turns_go_in_later_pipelines(
     redis: FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script = redis.register_script(COUNT)
-    await redis.script_load(COUNT)
-    batch = ScriptBatch(redis, script)
-    sizes = counting_pipelines(redis, monkeypatch)
+    batch, sizes = await loaded_batch(redis, monkeypatch)
 
     first = await batch(keys=["calls"], args=["ok"])
     second = await batch(keys=["calls"], args=["ok"])
