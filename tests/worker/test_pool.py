@@ -49,8 +49,10 @@ async def pool_state(fleet: LocalFleet, name: str) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=fleet.url, headers=ops) as http:
         view = (await http.get("/v1/fleet")).json()
     node = fleet.settings.worker.node
-    ours = next(entry for entry in view["nodes"] if entry["node"] == node)
-    state: dict[str, Any] = ours["pools"].get(name, {})
+    # A node is listed from its first heartbeat on, which may follow the
+    # worker's start-up line by a moment.
+    ours = next((entry for entry in view["nodes"] if entry["node"] == node), None)
+    state: dict[str, Any] = ours["pools"].get(name, {}) if ours else {}
     return state
 
 
