@@ -409,8 +409,11 @@ def drain_until_exit(
 
 
 def ours(fleet: LocalFleet, view: dict[str, Any]) -> dict[str, Any]:
+    """The worker's node in ``view``; a node without a first heartbeat yet
+    is listed as one with nothing in it."""
     name = fleet.settings.worker.node
-    found: dict[str, Any] = next(n for n in view["nodes"] if n["node"] == name)
+    empty = {"pools": {}, "sessions": 0, "draining": False}
+    found: dict[str, Any] = next((n for n in view["nodes"] if n["node"] == name), empty)
     return found
 
 
@@ -421,7 +424,9 @@ class TestTopCommand:
         """One frame names the worker's node, its full pool and the queue."""
         await until(
             watched,
-            lambda v: ours(watched, v)["pools"]["pooled"]["ready"] == POOL_SIZE,
+            lambda v: (
+                ours(watched, v)["pools"].get("pooled", {}).get("ready") == POOL_SIZE
+            ),
         )
 
         done = cli("top", "--once", "--url", watched.url, env=operator_env(watched))
