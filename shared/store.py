@@ -179,15 +179,15 @@ class Channel:
             **{**pool.connection_kwargs, "socket_timeout": None}
         )
         self._timeout_s = timeout_s
-        self._used_at = 0.0
+        self._used_at_s = 0.0
 
     async def execute(self, *args: EncodableT) -> Any:
         """Send one command and return its reply, unparsed."""
         connection = self._connection
         now = time.monotonic()
-        if now - self._used_at > CHANNEL_IDLE_CHECK_S and connection.is_connected:
+        if now - self._used_at_s > CHANNEL_IDLE_CHECK_S and connection.is_connected:
             await self._drop_if_closed()
-        self._used_at = now
+        self._used_at_s = now
         try:
             async with asyncio.timeout(self._timeout_s):
                 await connection.send_packed_command(

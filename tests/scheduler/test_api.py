@@ -158,6 +158,20 @@ class TestAdmission:
 
 
 class TestAuthentication:
+    def test_session_creation_documents_its_credential_like_every_route(
+        self, api: LocalFleet
+    ) -> None:
+        """POST /v1/sessions reads Authorization itself; its OpenAPI entry is
+        the one FastAPI writes for the routes that declare the header."""
+        paths = httpx.get(f"{api.url}/openapi.json").json()["paths"]
+
+        declared = paths["/v1/sessions"]["get"]["parameters"]
+        written = paths["/v1/sessions"]["post"]["parameters"]
+
+        header = [p for p in declared if p["name"] == "authorization"]
+        assert header
+        assert written == header
+
     def test_a_wrong_key_is_refused(self, api: LocalFleet) -> None:
         """An unknown key gets 401 invalid_credentials and creates nothing."""
         before = session_keys(api)

@@ -25,84 +25,99 @@ async def client(redis_url: str) -> AsyncIterator[Redis]:
     await redis.aclose()
 
 
-async def test_a_stream_read_matches_the_clients(client: Redis) -> None:
-    await client.xadd("channel:stream", {"d": b"one", "n": 3})
-    await client.xadd("channel:stream", {"d": b"two"})
-    sessions = SessionStore(client, keys=Keys("channel"))
-    reads = sessions.blocking_channel()
-    try:
-        via = await sessions.read_stream(
-            "channel:stream", "0-0", block_ms=100, via=reads
-        )
-    finally:
-        await reads.close()
+class TestChannel:
+    """One relay loop's connection to Redis."""
 
-    plain = await sessions.read_stream("channel:stream", "0-0", block_ms=100)
-    assert via == plain
-    assert [fields for _, fields in via] == [{b"d": b"one", b"n": b"3"}, {b"d": b"two"}]
+    async def test_a_stream_read_matches_the_clients(self, client: Redis) -> None:
+        """A stream read on a channel gives the same entries as one through the
+        client."""
+        await client.xadd("channel:stream", {"d": b"one", "n": 3})
+        await client.xadd("channel:stream", {"d": b"two"})
+        sessions = SessionStore(client, keys=Keys("channel"))
+        reads = sessions.blocking_channel()
+        try:
+            via = await sessions.read_stream(
+                "channel:stream", "0-0", block_ms=100, via=reads
+            )
+        finally:
+            await reads.close()
 
+        plain = await sessions.read_stream("channel:stream", "0-0", block_ms=100)
+        assert via == plain
+        assert [fields for _, fields in via] == [
+            {b"d": b"one", b"n": b"3"},
+            {b"d": b"two"},
+        ]
 
-async def test_a_timed_out_command_leaves_no_reply_for_the_next(client: Redis) -> None:
-    channel = Channel(client, timeout_s=0.2)
-    try:
-        with pytest.raises(RedisTimeoutError, match="BLPOP"):
-            await channel.execute("BLPOP", "channel:list", 1)
-        # BLPOP's reply would come once the list has an item; the channel
-        # reconnected, so nothing of it reaches the next command.
-        await client.rpush("channel:list", "late")
-        assert await channel.execute("PING") == b"PONG"
-        assert await channel.execute("LLEN", "channel:list") == 1
-    finally:
-        await channel.close()
+    async def test_a_timed_out_command_leaves_no_reply_for_the_next(
+        self, client: Redis
+    ) -> None:
+        """A command past its timeout closes the connection, so its late reply
+        never answers the next command."""
+        channel = Channel(client, timeout_s=0.2)
+        try:
+            with pytest.raises(RedisTimeoutError, match="BLPOP"):
+                await channel.execute("BLPOP", "channel:list", 1)
+            # BLPOP's reply would come once the list has an item; the channel
+            # reconnected, so nothing of it reaches the next command.
+            await client.rpush("channel:list", "late")
+            assert await channel.execute("PING") == b"PONG"
+            assert await channel.execute("LLEN", "channel:list") == 1
+        finally:
+            await channel.close()
 
+    async def test_a_cancelled_command_leaves_no_reply_for_the_next(
+        self, client: Redis
+    ) -> None:
+        """A cancelled command closes the connection, so its late reply never
+        answers the next command."""
+        channel = Channel(client, timeout_s=None)
+        try:
+            waiting = asyncio.create_task(channel.execute("BLPOP", "channel:list", 2))
+            await asyncio.sleep(0.1)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await client.rpush("channel:list", "late")
+            assert await channel.execute("PING") == b"PONG"
+        finally:
+            await channel.close()
 
-async def test_a_cancelled_command_leaves_no_reply_for_the_next(client: Redis) -> None:
-    channel = Channel(client, timeout_s=None)
-    try:
-        waiting = asyncio.create_task(channel.execute("BLPOP", "channel:list", 2))
-        await asyncio.sleep(0.1)
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        await client.rpush("channel:list", "late")
-        assert await channel.execute("PING") == b"PONG"
-    finally:
-        await channel.close()
+    async def test_a_connection_the_server_closed_while_idle_is_replaced(
+        self, client: Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As Redis' ``timeout`` closes an idle client: the channel's next
+        command reconnects instead of failing."""
+        monkeypatch.setattr(store, "CHANNEL_IDLE_CHECK_S", 0.0)
+        channel = Channel(client, timeout_s=1)
+        try:
+            own_id = await channel.execute("CLIENT", "ID")
+            assert await client.client_kill_filter(_id=own_id) == 1
+            await asyncio.sleep(0.05)
+            assert await channel.execute("PING") == b"PONG"
+            assert await channel.execute("CLIENT", "ID") != own_id
+        finally:
+            await channel.close()
 
+    async def test_an_error_reply_is_raised_and_the_channel_goes_on(
+        self, client: Redis
+    ) -> None:
+        """An error reply is raised and the same connection answers the next command."""
+        channel = Channel(client, timeout_s=1)
+        try:
+            with pytest.raises(ResponseError, match="unknown command"):
+                await channel.execute("NO-SUCH-COMMAND")
+            assert await channel.execute("PING") == b"PONG"
+        finally:
+            await channel.close()
 
-async def test_a_connection_the_server_closed_while_idle_is_replaced(
-    client: Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As Redis' ``timeout`` closes an idle client: the channel's next
-    command reconnects instead of failing."""
-    monkeypatch.setattr(store, "CHANNEL_IDLE_CHECK_S", 0.0)
-    channel = Channel(client, timeout_s=1)
-    try:
-        own_id = await channel.execute("CLIENT", "ID")
-        assert await client.client_kill_filter(_id=own_id) == 1
-        await asyncio.sleep(0.05)
-        assert await channel.execute("PING") == b"PONG"
-        assert await channel.execute("CLIENT", "ID") != own_id
-    finally:
-        await channel.close()
-
-
-async def test_an_error_reply_is_raised_and_the_channel_goes_on(client: Redis) -> None:
-    channel = Channel(client, timeout_s=1)
-    try:
-        with pytest.raises(ResponseError, match="unknown command"):
-            await channel.execute("NO-SUCH-COMMAND")
-        assert await channel.execute("PING") == b"PONG"
-    finally:
-        await channel.close()
-
-
-async def test_a_script_redis_lost_is_loaded_again(client: Redis) -> None:
-    script = client.register_script(ECHO)
-    channel = Channel(client, timeout_s=1)
-    try:
-        assert await channel.script(script, ["k"], ["v"]) == [b"k", b"v"]
-        await client.script_flush()
-        assert await channel.script(script, ["k2"], ["v2"]) == [b"k2", b"v2"]
-    finally:
-        await channel.close()
+    async def test_a_script_redis_lost_is_loaded_again(self, client: Redis) -> None:
+        """A script Redis no longer has is loaded again and run."""
+        script = client.register_script(ECHO)
+        channel = Channel(client, timeout_s=1)
+        try:
+            assert await channel.script(script, ["k"], ["v"]) == [b"k", b"v"]
+            await client.script_flush()
+            assert await channel.script(script, ["k2"], ["v2"]) == [b"k2", b"v2"]
+        finally:
+            await channel.close()
