@@ -1,0 +1,211 @@
+"""The floor under the relay's round trip: the fleet's hops with least code.
+
+A bare WebSocket server stands in for the scheduler and a bare loop for
+the worker, each a process of its own as in the fleet. A line goes from
+the client's WebSocket to the server, through a Redis stream to the loop,
+into ``cat`` in a sandbox over an attach socket, and back the same way.
+Stdin and output pass with plain XADD and XREAD, and nothing else is done:
+no session state, lease fencing, stdin bound, numbering, metrics or
+acknowledgements. Whatever the fleet adds above this floor is the cost of
+those; the floor itself is the cost of the hops on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
+from typing import Any
+from urllib.parse import urlsplit
+
+import hiredis
+import uvloop
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+from shared.localfleet import free_port
+from worker.docker import DockerRuntime
+from worker.frames import FrameDecoder
+
+# The processes start the way the fleet's do, from a fresh interpreter.
+_SPAWN = multiprocessing.get_context("spawn")
+_START_TIMEOUT_S = 60
+
+
+class Resp:
+    """One Redis connection that sends a command and waits for its reply."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._reader = reader
+        self._writer = writer
+        self._replies = hiredis.Reader()
+
+    @classmethod
+    async def open(cls, address: tuple[str, int]) -> Resp:
+        return cls(*await asyncio.open_connection(*address))
+
+    async def call(self, *args: bytes | str | int) -> Any:
+        self._writer.write(_pack(args))
+        while (reply := self._replies.gets()) is False:
+            self._replies.feed(await self._reader.read(65536))
+        return reply
+
+
+def _pack(args: tuple[bytes | str | int, ...]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        value = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(value), value))
+    return b"".join(parts)
+
+
+async def _follow(
+    address: tuple[str, int], key: str, deliver: Callable[[bytes], Awaitable[None]]
+) -> None:
+    """Hand each entry's one value to ``deliver``, in order, forever."""
+    redis, cursor = await Resp.open(address), b"0-0"
+    while True:
+        reply = await redis.call(
+            "XREAD", "COUNT", 512, "BLOCK", 0, "STREAMS", key, cursor
+        )
+        for entry_id, fields in reply[0][1]:
+            cursor = entry_id
+            await deliver(fields[1])
+
+
+def _worker(
+    address: tuple[str, int],
+    keys: tuple[str, str],
+    docker_url: str,
+    sandbox: tuple[str, dict[str, Any]],
+    started: Connection,
+) -> None:
+    uvloop.run(_work(address, keys, docker_url, sandbox, started))
+
+
+async def _work(
+    address: tuple[str, int],
+    keys: tuple[str, str],
+    docker_url: str,
+    sandbox: tuple[str, dict[str, Any]],
+    started: Connection,
+) -> None:
+    runtime = DockerRuntime(docker_url)
+    await runtime.open()
+    name, config = sandbox
+    container_id = await runtime.create(config, name=name)
+    stdio = await runtime.attach(container_id)
+    await runtime.start(container_id)
+    output = await Resp.open(address)
+    started.send(True)
+
+    async def pump_out() -> None:
+        decoder = FrameDecoder()
+        while chunk := await stdio.read():
+            for _, data in decoder.feed(chunk):
+                await output.call("XADD", keys[1], "*", "o", data)
+
+    await asyncio.gather(_follow(address, keys[0], stdio.write), pump_out())
+
+
+def _gateway(
+    address: tuple[str, int], keys: tuple[str, str], port: int, ready: Any
+) -> None:
+    uvloop.run(_serve(address, keys, port, ready))
+
+
+async def _serve(
+    address: tuple[str, int], keys: tuple[str, str], port: int, ready: Any
+) -> None:
+    async def relay(ws: ServerConnection) -> None:
+        stdin = await Resp.open(address)
+        outbound = asyncio.create_task(_follow(address, keys[1], ws.send))
+        async for message in ws:
+            await stdin.call("XADD", keys[0], "*", "d", message)
+        outbound.cancel()
+
+    async with serve(relay, "127.0.0.1", port):
+        ready.set()
+        await asyncio.Future()
+
+
+async def floor_round_trips(
+    redis_url: str, docker_url: str, config: dict[str, Any], line: bytes, n: int
+) -> list[float]:
+    """Time ``n`` round trips of ``line`` through the floor.
+
+    Args:
+        config: the Engine API body of a container that runs ``cat``.
+    """
+    url = urlsplit(redis_url)
+    address = (url.hostname or "127.0.0.1", url.port or 6379)
+    nonce = secrets.token_hex(4)
+    keys = (f"floor:{nonce}:in", f"floor:{nonce}:out")
+    # Named here, so that it is removed even if the worker dies midway.
+    sandbox = (f"bench-floor-{nonce}", config)
+    port, ready = free_port(), _SPAWN.Event()
+    ours, theirs = _SPAWN.Pipe()
+    worker = _SPAWN.Process(
+        target=_worker, args=(address, keys, docker_url, sandbox, theirs)
+    )
+    gateway = _SPAWN.Process(target=_gateway, args=(address, keys, port, ready))
+    try:
+        worker.start()
+        # The worker's end, held only by the worker: its exit is seen here.
+        theirs.close()
+        gateway.start()
+        await _started(ours, ready)
+        return await _client_round_trips(f"ws://127.0.0.1:{port}", line, n)
+    finally:
+        for process in (gateway, worker):
+            process.kill()
+            process.join()
+        await _remove(docker_url, sandbox[0])
+        await _delete(address, keys)
+
+
+async def _started(worker: Connection, gateway: Any) -> None:
+    def wait() -> None:
+        if not worker.poll(_START_TIMEOUT_S):
+            raise RuntimeError("the floor's worker did not start its sandbox")
+        try:
+            worker.recv()
+        except EOFError:
+            raise RuntimeError("the floor's worker stopped; see its output") from None
+        if not gateway.wait(_START_TIMEOUT_S):
+            raise RuntimeError("the floor's WebSocket server did not start")
+
+    await asyncio.to_thread(wait)
+
+
+async def _client_round_trips(url: str, line: bytes, n: int) -> list[float]:
+    samples = []
+    # The options of the fleet's own client, so that both pay the same.
+    async with websockets.connect(url, max_size=None, max_queue=None) as ws:
+        for _ in range(n):
+            started = time.perf_counter()
+            await ws.send(line)
+            got = 0
+            while got < len(line):
+                got += len(await ws.recv())
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def _remove(docker_url: str, container: str) -> None:
+    runtime = DockerRuntime(docker_url)
+    await runtime.open()
+    try:
+        await runtime.remove(container)
+    finally:
+        await runtime.close()
+
+
+async def _delete(address: tuple[str, int], keys: tuple[str, str]) -> None:
+    with contextlib.suppress(OSError):
+        redis = await Resp.open(address)
+        await redis.call("DEL", *keys)
