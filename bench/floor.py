@@ -26,6 +26,7 @@ import hiredis
 import uvloop
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from shared.localfleet import free_port
 from worker.docker import DockerRuntime
@@ -34,6 +35,9 @@ from worker.frames import FrameDecoder
 # The processes start the way the fleet's do, from a fresh interpreter.
 _SPAWN = multiprocessing.get_context("spawn")
 _START_TIMEOUT_S = 60
+# How long a child has to remove what it made once the benchmark is done.
+_STOP_GRACE_S = 5
+_POLL_S = 0.05
 
 
 class Resp:
@@ -82,9 +86,9 @@ def _worker(
     keys: tuple[str, str],
     docker_url: str,
     sandbox: tuple[str, dict[str, Any]],
-    started: Connection,
+    parent: Connection,
 ) -> None:
-    uvloop.run(_work(address, keys, docker_url, sandbox, started))
+    uvloop.run(_work(address, keys, docker_url, sandbox, parent))
 
 
 async def _work(
@@ -92,45 +96,76 @@ async def _work(
     keys: tuple[str, str],
     docker_url: str,
     sandbox: tuple[str, dict[str, Any]],
-    started: Connection,
+    parent: Connection,
 ) -> None:
     runtime = DockerRuntime(docker_url)
     await runtime.open()
     name, config = sandbox
-    container_id = await runtime.create(config, name=name)
-    stdio = await runtime.attach(container_id)
-    await runtime.start(container_id)
-    output = await Resp.open(address)
-    started.send(True)
+    try:
+        container_id = await runtime.create(config, name=name)
+        stdio = await runtime.attach(container_id)
+        await runtime.start(container_id)
+        output = await Resp.open(address)
+        parent.send("ready")
 
-    async def pump_out() -> None:
-        decoder = FrameDecoder()
-        while chunk := await stdio.read():
-            for _, data in decoder.feed(chunk):
-                await output.call("XADD", keys[1], "*", "o", data)
+        async def pump_out() -> None:
+            decoder = FrameDecoder()
+            while chunk := await stdio.read():
+                for _, data in decoder.feed(chunk):
+                    await output.call("XADD", keys[1], "*", "o", data)
 
-    await asyncio.gather(_follow(address, keys[0], stdio.write), pump_out())
+        relay = asyncio.gather(_follow(address, keys[0], stdio.write), pump_out())
+        await _until_gone(parent, relay)
+    finally:
+        await runtime.remove(name)
+        await runtime.close()
 
 
 def _gateway(
-    address: tuple[str, int], keys: tuple[str, str], port: int, ready: Any
+    address: tuple[str, int], keys: tuple[str, str], port: int, parent: Connection
 ) -> None:
-    uvloop.run(_serve(address, keys, port, ready))
+    uvloop.run(_serve(address, keys, port, parent))
 
 
 async def _serve(
-    address: tuple[str, int], keys: tuple[str, str], port: int, ready: Any
+    address: tuple[str, int], keys: tuple[str, str], port: int, parent: Connection
 ) -> None:
     async def relay(ws: ServerConnection) -> None:
         stdin = await Resp.open(address)
         outbound = asyncio.create_task(_follow(address, keys[1], ws.send))
-        async for message in ws:
-            await stdin.call("XADD", keys[0], "*", "d", message)
-        outbound.cancel()
+        try:
+            async for message in ws:
+                await stdin.call("XADD", keys[0], "*", "d", message)
+        except ConnectionClosed:
+            pass  # the benchmark was stopped midway
+        finally:
+            outbound.cancel()
+            await asyncio.gather(outbound, return_exceptions=True)
 
-    async with serve(relay, "127.0.0.1", port):
-        ready.set()
-        await asyncio.Future()
+    async with serve(relay, "127.0.0.1", port, compression=None):
+        parent.send("ready")
+        await _until_gone(parent, asyncio.Future())
+
+
+async def _until_gone(parent: Connection, work: Awaitable[Any]) -> None:
+    """Run ``work`` until the benchmark closes its end of the pipe, or dies.
+
+    The benchmark sends nothing after the start, so the pipe turns
+    readable only at its end.
+    """
+    loop = asyncio.get_running_loop()
+    gone = asyncio.Event()
+    loop.add_reader(parent.fileno(), gone.set)
+    running = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait(
+            {running, asyncio.ensure_future(gone.wait())},
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        loop.remove_reader(parent.fileno())
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
 
 
 async def floor_round_trips(
@@ -147,45 +182,75 @@ async def floor_round_trips(
     keys = (f"floor:{nonce}:in", f"floor:{nonce}:out")
     # Named here, so that it is removed even if the worker dies midway.
     sandbox = (f"bench-floor-{nonce}", config)
-    port, ready = free_port(), _SPAWN.Event()
-    ours, theirs = _SPAWN.Pipe()
-    worker = _SPAWN.Process(
-        target=_worker, args=(address, keys, docker_url, sandbox, theirs)
-    )
-    gateway = _SPAWN.Process(target=_gateway, args=(address, keys, port, ready))
+    port = free_port()
+    to_worker, worker_end = _SPAWN.Pipe()
+    to_gateway, gateway_end = _SPAWN.Pipe()
+    processes = [
+        _SPAWN.Process(
+            target=_worker,
+            args=(address, keys, docker_url, sandbox, worker_end),
+            daemon=True,
+        ),
+        _SPAWN.Process(
+            target=_gateway, args=(address, keys, port, gateway_end), daemon=True
+        ),
+    ]
     try:
-        worker.start()
-        # The worker's end, held only by the worker: its exit is seen here.
-        theirs.close()
-        gateway.start()
-        await _started(ours, ready)
+        for process in processes:
+            process.start()
+        # Held by the children alone now: a child's exit closes its pipe.
+        worker_end.close()
+        gateway_end.close()
+        await _ready([to_worker, to_gateway])
         return await _client_round_trips(f"ws://127.0.0.1:{port}", line, n)
     finally:
-        for process in (gateway, worker):
-            process.kill()
-            process.join()
+        to_worker.close()
+        to_gateway.close()
+        await _stop(processes)
         await _remove(docker_url, sandbox[0])
         await _delete(address, keys)
 
 
-async def _started(worker: Connection, gateway: Any) -> None:
-    def wait() -> None:
-        if not worker.poll(_START_TIMEOUT_S):
-            raise RuntimeError("the floor's worker did not start its sandbox")
-        try:
-            worker.recv()
-        except EOFError:
-            raise RuntimeError("the floor's worker stopped; see its output") from None
-        if not gateway.wait(_START_TIMEOUT_S):
-            raise RuntimeError("the floor's WebSocket server did not start")
+async def _ready(children: list[Connection]) -> None:
+    """Wait until every child has said it is ready.
 
-    await asyncio.to_thread(wait)
+    Raises:
+        RuntimeError: a child stopped first, or took over a minute.
+    """
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    waiting = list(children)
+    while waiting:
+        for child in [child for child in waiting if child.poll()]:
+            try:
+                child.recv()
+            except EOFError:
+                message = "a process of the floor stopped; see its output"
+                raise RuntimeError(message) from None
+            waiting.remove(child)
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"the floor was not ready in {_START_TIMEOUT_S} s")
+        await asyncio.sleep(_POLL_S)
+
+
+async def _stop(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """Give the children a moment to end themselves, then kill them."""
+    started = [process for process in processes if process.pid is not None]
+    for _ in range(int(_STOP_GRACE_S / _POLL_S)):
+        if not any(process.is_alive() for process in started):
+            break
+        await asyncio.sleep(_POLL_S)
+    for process in started:
+        process.kill()
+        process.join()
 
 
 async def _client_round_trips(url: str, line: bytes, n: int) -> list[float]:
     samples = []
-    # The options of the fleet's own client, so that both pay the same.
-    async with websockets.connect(url, max_size=None, max_queue=None) as ws:
+    # The fleet's client's options, less per-message deflate: a floor pays
+    # for nothing it could do without.
+    async with websockets.connect(
+        url, max_size=None, max_queue=None, compression=None
+    ) as ws:
         for _ in range(n):
             started = time.perf_counter()
             await ws.send(line)

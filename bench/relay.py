@@ -13,8 +13,12 @@ least code, which tells the cost of the hops from the cost of the fleet.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import statistics
+import sys
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import uvloop
@@ -58,8 +62,12 @@ async def direct(
 ) -> tuple[Any, str]:
     config = sandbox_config(spec, script)
     container_id = await runtime.create(config, name=f"bench-relay-{time.time_ns()}")
-    stdio = await runtime.attach(container_id)
-    await runtime.start(container_id)
+    try:
+        stdio = await runtime.attach(container_id)
+        await runtime.start(container_id)
+    except BaseException:
+        await runtime.remove(container_id)
+        raise
     return stdio, container_id
 
 
@@ -166,10 +174,25 @@ async def measure(fleet: Any, n: int, size: int) -> list[str]:
     ]
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number from 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1")
+    return int(text)
+
+
+async def until_terminated(work: Coroutine[Any, Any, list[str]]) -> list[str]:
+    """Run ``work``, cancelling it on SIGTERM as on Ctrl-C, so that what it
+    started is removed either way."""
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await task
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--round-trips", type=int, default=500)
-    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--round-trips", type=positive, default=500)
+    parser.add_argument("--mib", type=positive, default=64)
     args = parser.parse_args()
     size = args.mib << 20
     profiles = {"cat": profile("cat"), "flood": profile(flood(size))}
@@ -178,7 +201,10 @@ def main() -> None:
     ) as fleet:
         # The harness runs on uvloop, as the fleet's processes do, so that
         # the client's own cost stays small beside what it measures.
-        rows = uvloop.run(measure(fleet, args.round_trips, size))
+        try:
+            rows = uvloop.run(until_terminated(measure(fleet, args.round_trips, size)))
+        except asyncio.CancelledError:
+            sys.exit(128 + signal.SIGTERM)
     print(f"\n{'relay':<40}{'direct':>13}{'floor':>13}{'fleet':>13}")
     print("\n".join(rows))
 
