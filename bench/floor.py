@@ -17,7 +17,7 @@ import contextlib
 import multiprocessing
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,14 +81,9 @@ async def _follow(
             await deliver(fields[1])
 
 
-def _worker(
-    address: tuple[str, int],
-    keys: tuple[str, str],
-    docker_url: str,
-    sandbox: tuple[str, dict[str, Any]],
-    parent: Connection,
-) -> None:
-    uvloop.run(_work(address, keys, docker_url, sandbox, parent))
+def _child(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+    """A child process's body: ``main(*args)`` on uvloop."""
+    uvloop.run(main(*args))
 
 
 async def _work(
@@ -119,12 +114,6 @@ async def _work(
     finally:
         await runtime.remove(name)
         await runtime.close()
-
-
-def _gateway(
-    address: tuple[str, int], keys: tuple[str, str], port: int, parent: Connection
-) -> None:
-    uvloop.run(_serve(address, keys, port, parent))
 
 
 async def _serve(
@@ -187,12 +176,14 @@ async def floor_round_trips(
     to_gateway, gateway_end = _SPAWN.Pipe()
     processes = [
         _SPAWN.Process(
-            target=_worker,
-            args=(address, keys, docker_url, sandbox, worker_end),
+            target=_child,
+            args=(_work, address, keys, docker_url, sandbox, worker_end),
             daemon=True,
         ),
         _SPAWN.Process(
-            target=_gateway, args=(address, keys, port, gateway_end), daemon=True
+            target=_child,
+            args=(_serve, address, keys, port, gateway_end),
+            daemon=True,
         ),
     ]
     try:
