@@ -5,9 +5,10 @@ the worker, each a process of its own as in the fleet. A line goes from
 the client's WebSocket to the server, through a Redis stream to the loop,
 into ``cat`` in a sandbox over an attach socket, and back the same way.
 Stdin and output pass with plain XADD and XREAD, and nothing else is done:
-no session state, lease fencing, stdin bound, numbering, metrics or
-acknowledgements. Whatever the fleet adds above this floor is the cost of
-those; the floor itself is the cost of the hops on this machine.
+no session state, lease fencing, stdin bound, numbering, metrics,
+acknowledgements or compression. What the fleet adds above this floor is
+the cost of those and of its own client and server; the floor is the
+least that Python pays here for the hops.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import secrets
+import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from multiprocessing.connection import Connection
@@ -83,6 +85,9 @@ async def _follow(
 
 def _child(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
     """A child process's body: ``main(*args)`` on uvloop."""
+    # Ctrl-C reaches the whole process group; the benchmark alone handles
+    # it, and its children end when it closes their pipes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     uvloop.run(main(*args))
 
 

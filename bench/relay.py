@@ -5,7 +5,7 @@ of 64 MiB of agent output, each measured through the whole fleet (client
 WebSocket, scheduler, Redis streams, worker) and straight over an attach
 socket to a container of the same image, in one run. The round trip is
 also measured through the floor (``floor.py``): the fleet's hops with the
-least code, which tells the cost of the hops from the cost of the fleet.
+least code, which tells what the fleet's own work costs above them.
 
     .venv/bin/python bench/relay.py [--round-trips 500] [--mib 64]
 """
@@ -176,8 +176,8 @@ async def measure(fleet: Any, n: int, size: int) -> list[str]:
 
 def positive(text: str) -> int:
     """An argparse type: a whole number from 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1")
+    if not (text.isascii() and text.isdecimal()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
     return int(text)
 
 
@@ -189,6 +189,13 @@ async def until_terminated(work: Coroutine[Any, Any, list[str]]) -> list[str]:
     return await task
 
 
+def terminate(signum: int, frame: object) -> None:
+    """Outside the event loop, end on SIGTERM as on Ctrl-C: through the
+    fleet's clean-up, which a second signal then does not cut short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--round-trips", type=positive, default=500)
@@ -196,17 +203,30 @@ def main() -> None:
     args = parser.parse_args()
     size = args.mib << 20
     profiles = {"cat": profile("cat"), "flood": profile(flood(size))}
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        rows = run(profiles, args.round_trips, size)
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)
+    print(f"\n{'relay':<40}{'direct':>13}{'floor':>13}{'fleet':>13}")
+    print("\n".join(rows))
+
+
+def run(profiles: dict[str, Any], n: int, size: int) -> list[str]:
     with local_fleet(
         profiles, orgs={"bench": {"max_sessions": 10, "sessions_per_minute": 1000}}
     ) as fleet:
         # The harness runs on uvloop, as the fleet's processes do, so that
         # the client's own cost stays small beside what it measures.
         try:
-            rows = uvloop.run(until_terminated(measure(fleet, args.round_trips, size)))
+            rows = uvloop.run(until_terminated(measure(fleet, n, size)))
         except asyncio.CancelledError:
-            sys.exit(128 + signal.SIGTERM)
-    print(f"\n{'relay':<40}{'direct':>13}{'floor':>13}{'fleet':>13}")
-    print("\n".join(rows))
+            # SIGTERM, taken by the loop: clean up as terminate() does.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise SystemExit(128 + signal.SIGTERM) from None
+        # The loop gave SIGTERM back to the default as it closed.
+        signal.signal(signal.SIGTERM, terminate)
+        return rows
 
 
 if __name__ == "__main__":
