@@ -264,7 +264,9 @@ class TestEndMetrics:
         """One session of each kind adds exactly one end, under its cause."""
         scrapes = Scrapes(metered)
 
-        ran = await run_session(metered, profile, stdin=stdin)
+        # No EOF: each ends by itself, and this fleet's one-second EOF grace
+        # could end a slow one first, under another cause.
+        ran = await run_session(metered, profile, stdin=stdin, eof=False)
 
         assert ran.view["cause"] == cause
         assert scrapes.delta(ENDS, cause=cause) == 1
