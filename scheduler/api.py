@@ -431,10 +431,14 @@ def _session_routes(app: FastAPI) -> None:
         )
         if state is SessionState.QUEUED:
             outcome = Outcome(cause=EndCause.CANCELLED, detail="cancelled while queued")
-            await fleet.store.finish(
+            if not await fleet.store.finish(
                 session_id, org=record["org"], expect="queued", outcome=outcome
-            )
-        elif state is not SessionState.ENDED:
+            ):
+                # A worker claimed it since it was read: it is cancelled as a
+                # running session is, or it has ended meanwhile.
+                record = await fleet.store.record(session_id) or record
+                state = SessionState(record["state"])
+        if state not in (SessionState.QUEUED, SessionState.ENDED):
             await fleet.store.touch(session_id, "cancel_requested_ms")
             await fleet.store.write_stdin(session_id, "cancel")
             view = session_view(session_id, record)
