@@ -11,6 +11,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import jwt
@@ -19,6 +20,7 @@ from redis import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from scheduler import api as scheduler_api
 from scheduler.client import ApiError, FleetClient
 from shared.keys import Keys
 from shared.localfleet import LocalFleet, local_fleet
@@ -523,3 +525,40 @@ class TestLimitsOfInput:
 
         assert response.status_code == 422
         assert response.json()["error"]["field"].startswith("env")
+
+
+class TestCancel:
+    async def test_a_session_claimed_during_its_cancel_is_cancelled_running(
+        self, api: LocalFleet, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A cancel that reads the session queued, then loses it to a worker's
+        claim before it can end it, still sends the worker the cancel."""
+        # A replica of the scheduler in this process, so that the claim can
+        # land between the cancel's read and its finish.
+        monkeypatch.setattr(scheduler_api, "freeze_startup_heap", lambda: None)
+        app = scheduler_api.create_app(api.settings)
+        auth = {"Authorization": f"Bearer {api.api_keys['delta']}"}
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://fleet") as http,
+        ):
+            store = app.state.fleet.store
+            finish = store.finish
+
+            async def claimed_first(session_id: str, **kwargs: Any) -> bool:
+                await store.claim(session_id, node="elsewhere", lease_ms=60_000)
+                return bool(await finish(session_id, **kwargs))
+
+            monkeypatch.setattr(store, "finish", claimed_first)
+            created = await http.post(
+                "/v1/sessions", json={"profile": "sh"}, headers=auth
+            )
+            session_id = created.json()["id"]
+
+            cancelled = await http.delete(f"/v1/sessions/{session_id}", headers=auth)
+            stdin = await store.redis.xrange(store.keys.stdin(session_id))
+
+        assert cancelled.status_code == 202
+        assert cancelled.json()["state"] == "starting"
+        assert [fields for _, fields in stdin] == [{b"cancel": b""}]
