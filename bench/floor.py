@@ -19,7 +19,7 @@ import multiprocessing
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
@@ -162,10 +162,12 @@ async def _until_gone(parent: Connection, work: Awaitable[Any]) -> None:
         await asyncio.gather(running, return_exceptions=True)
 
 
-async def floor_round_trips(
-    redis_url: str, docker_url: str, config: dict[str, Any], line: bytes, n: int
-) -> list[float]:
-    """Time ``n`` round trips of ``line`` through the floor.
+@contextlib.asynccontextmanager
+async def floor_path(
+    redis_url: str, docker_url: str, config: dict[str, Any], line: bytes
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Start the floor; yield a call that sends ``line`` through it and
+    waits until it is back.
 
     Args:
         config: the Engine API body of a container that runs ``cat``.
@@ -198,7 +200,19 @@ async def floor_round_trips(
         worker_end.close()
         gateway_end.close()
         await _ready([to_worker, to_gateway])
-        return await _client_round_trips(f"ws://127.0.0.1:{port}", line, n)
+        # The fleet's client's options, less per-message deflate: a floor
+        # pays for nothing it could do without.
+        async with websockets.connect(
+            f"ws://127.0.0.1:{port}", max_size=None, max_queue=None, compression=None
+        ) as ws:
+
+            async def round_trip() -> None:
+                await ws.send(line)
+                got = 0
+                while got < len(line):
+                    got += len(await ws.recv())
+
+            yield round_trip
     finally:
         to_worker.close()
         to_gateway.close()
@@ -238,23 +252,6 @@ async def _stop(processes: list[multiprocessing.process.BaseProcess]) -> None:
     for process in started:
         process.kill()
         process.join()
-
-
-async def _client_round_trips(url: str, line: bytes, n: int) -> list[float]:
-    samples = []
-    # The fleet's client's options, less per-message deflate: a floor pays
-    # for nothing it could do without.
-    async with websockets.connect(
-        url, max_size=None, max_queue=None, compression=None
-    ) as ws:
-        for _ in range(n):
-            started = time.perf_counter()
-            await ws.send(line)
-            got = 0
-            while got < len(line):
-                got += len(await ws.recv())
-            samples.append(time.perf_counter() - started)
-    return samples
 
 
 async def _remove(docker_url: str, container: str) -> None:

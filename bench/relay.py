@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import statistics
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvloop
-from floor import floor_round_trips
+from floor import floor_path
 
 from scheduler.client import End, FleetClient
 from shared.localfleet import local_fleet
@@ -33,6 +34,11 @@ from worker.frames import FrameDecoder
 
 IMAGE = "acp-fleet/busybox:test"
 LINE = b"x" * 199 + b"\n"
+# Each path's round trips are taken in this many turns.
+BLOCKS = 10
+
+# Sends LINE along one path and waits until it is back.
+Trip = Callable[[], Awaitable[None]]
 
 
 def flood(size: int) -> str:
@@ -71,23 +77,23 @@ async def direct(
     return stdio, container_id
 
 
-async def direct_round_trips(
-    runtime: DockerRuntime, spec: SandboxSpec, n: int
-) -> list[float]:
+@contextlib.asynccontextmanager
+async def direct_path(runtime: DockerRuntime, spec: SandboxSpec) -> AsyncIterator[Trip]:
+    """A ``cat`` sandbox over a direct attach; yield one round trip."""
     stdio, container_id = await direct(runtime, spec, "cat", None)
-    decoder, samples = FrameDecoder(), []
+    decoder = FrameDecoder()
+
+    async def round_trip() -> None:
+        await stdio.write(LINE)
+        got = 0
+        while got < len(LINE):
+            got += sum(len(d) for _, d in decoder.feed(await stdio.read()))
+
     try:
-        for _ in range(n):
-            started = time.perf_counter()
-            await stdio.write(LINE)
-            got = 0
-            while got < len(LINE):
-                got += sum(len(d) for _, d in decoder.feed(await stdio.read()))
-            samples.append(time.perf_counter() - started)
+        yield round_trip
     finally:
         stdio.abort()
         await runtime.remove(container_id)
-    return samples
 
 
 async def direct_throughput(
@@ -106,21 +112,35 @@ async def direct_throughput(
     return size / (time.perf_counter() - started)
 
 
-async def fleet_round_trips(client: FleetClient, n: int) -> list[float]:
+@contextlib.asynccontextmanager
+async def fleet_path(client: FleetClient) -> AsyncIterator[Trip]:
+    """A ``cat`` session through the fleet; yield one round trip."""
     created = await client.create_session("cat")
-    samples = []
     async with client.stdio(created["id"]) as stdio:
         events = stdio.events()
-        for _ in range(n):
-            started = time.perf_counter()
+
+        async def round_trip() -> None:
             await stdio.send(LINE)
             got = 0
             while got < len(LINE):
                 event = await anext(events)
                 if isinstance(event, Output):
                     got += len(event.data)
-            samples.append(time.perf_counter() - started)
+
+        yield round_trip
         await stdio.send_eof()
+
+
+async def interleaved(trips: list[Trip], n: int) -> list[list[float]]:
+    """Time ``n`` round trips on each path, the paths taking turns in
+    blocks, so that a slow spell of the machine falls on all of them."""
+    samples: list[list[float]] = [[] for _ in trips]
+    for _ in range(BLOCKS):
+        for trip, timed in zip(trips, samples, strict=True):
+            for _ in range(max(1, n // BLOCKS)):
+                started = time.perf_counter()
+                await trip()
+                timed.append(time.perf_counter() - started)
     return samples
 
 
@@ -146,20 +166,25 @@ async def measure(fleet: Any, n: int, size: int) -> list[str]:
     cat = settings.profiles["cat"]
     spec = SandboxSpec("bench", "cat", cat, cat.limits, IMAGE)
     try:
-        direct_rt = await direct_round_trips(runtime, spec, n)
         direct_mbs = await direct_throughput(runtime, spec, size) / 1e6
+        async with (
+            FleetClient(fleet.url, fleet.api_key) as client,
+            direct_path(runtime, spec) as direct_trip,
+            floor_path(
+                fleet.redis_url,
+                settings.worker.docker_url,
+                sandbox_config(spec, "cat"),
+                LINE,
+            ) as floor_trip,
+            fleet_path(client) as fleet_trip,
+        ):
+            direct_rt, floor_rt, fleet_rt = await interleaved(
+                [direct_trip, floor_trip, fleet_trip], n
+            )
+        async with FleetClient(fleet.url, fleet.api_key) as client:
+            fleet_mbs = await fleet_throughput(client, size) / 1e6
     finally:
         await runtime.close()
-    floor_rt = await floor_round_trips(
-        fleet.redis_url,
-        settings.worker.docker_url,
-        sandbox_config(spec, "cat"),
-        LINE,
-        n,
-    )
-    async with FleetClient(fleet.url, fleet.api_key) as client:
-        fleet_rt = await fleet_round_trips(client, n)
-        fleet_mbs = await fleet_throughput(client, size) / 1e6
     direct_ms, floor_ms, fleet_ms = (
         statistics.median(samples) * 1000 for samples in (direct_rt, floor_rt, fleet_rt)
     )

@@ -34,6 +34,9 @@ AGENT_COMMAND = [
     "/opt/agent/node_modules/@zed-industries/claude-code-acp/dist/index.js",
 ]
 REPO = Path(__file__).resolve().parent.parent
+# How long a process stopped with SIGTERM has to exit, beyond a worker's
+# drain grace, before it is killed.
+STOP_WAIT_S = 30
 
 
 def free_port() -> int:
@@ -66,6 +69,8 @@ class LocalFleet:
     config_path: Path
     workdir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Each process's ``acp-fleet`` command, by name.
+    commands: dict[str, str] = field(default_factory=dict)
 
     @property
     def api_key(self) -> str:
@@ -97,17 +102,26 @@ class LocalFleet:
                 cwd=REPO,
             )
         self.processes[name] = process
+        self.commands[name] = args[0]
         return process
 
     def stop(self, name: str, *, kill: bool = False) -> None:
-        """Stop process ``name``: SIGTERM and wait, or SIGKILL."""
+        """Stop process ``name``: SIGTERM and wait, or SIGKILL.
+
+        A worker stopped with SIGTERM drains: its sessions run on for its
+        drain grace, then end and have their sandboxes removed. It is given
+        that long and more, so that it is not killed with sandboxes left.
+        """
         process = self.processes.pop(name)
+        wait_s = STOP_WAIT_S
+        if self.commands.pop(name, None) == "worker":
+            wait_s += self.settings.worker.drain_grace_s
         if kill:
             process.kill()
         else:
             process.terminate()
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
