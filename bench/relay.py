@@ -64,7 +64,7 @@ def sandbox_config(spec: SandboxSpec, script: str) -> dict[str, Any]:
 
 
 async def direct(
-    runtime: DockerRuntime, spec: SandboxSpec, script: str, feed: bytes | None
+    runtime: DockerRuntime, spec: SandboxSpec, script: str
 ) -> tuple[Any, str]:
     config = sandbox_config(spec, script)
     container_id = await runtime.create(config, name=f"bench-relay-{time.time_ns()}")
@@ -80,7 +80,7 @@ async def direct(
 @contextlib.asynccontextmanager
 async def direct_path(runtime: DockerRuntime, spec: SandboxSpec) -> AsyncIterator[Trip]:
     """A ``cat`` sandbox over a direct attach; yield one round trip."""
-    stdio, container_id = await direct(runtime, spec, "cat", None)
+    stdio, container_id = await direct(runtime, spec, "cat")
     decoder = FrameDecoder()
 
     async def round_trip() -> None:
@@ -99,7 +99,7 @@ async def direct_path(runtime: DockerRuntime, spec: SandboxSpec) -> AsyncIterato
 async def direct_throughput(
     runtime: DockerRuntime, spec: SandboxSpec, size: int
 ) -> float:
-    stdio, container_id = await direct(runtime, spec, flood(size), None)
+    stdio, container_id = await direct(runtime, spec, flood(size))
     decoder, got = FrameDecoder(), 0
     started = time.perf_counter()
     try:
@@ -135,9 +135,11 @@ async def interleaved(trips: list[Trip], n: int) -> list[list[float]]:
     """Time ``n`` round trips on each path, the paths taking turns in
     blocks, so that a slow spell of the machine falls on all of them."""
     samples: list[list[float]] = [[] for _ in trips]
-    for _ in range(BLOCKS):
+    for block in range(BLOCKS):
+        # The first n % BLOCKS blocks take one more, making n in all.
+        count = n // BLOCKS + (block < n % BLOCKS)
         for trip, timed in zip(trips, samples, strict=True):
-            for _ in range(max(1, n // BLOCKS)):
+            for _ in range(count):
                 started = time.perf_counter()
                 await trip()
                 timed.append(time.perf_counter() - started)
@@ -167,21 +169,20 @@ async def measure(fleet: Any, n: int, size: int) -> list[str]:
     spec = SandboxSpec("bench", "cat", cat, cat.limits, IMAGE)
     try:
         direct_mbs = await direct_throughput(runtime, spec, size) / 1e6
-        async with (
-            FleetClient(fleet.url, fleet.api_key) as client,
-            direct_path(runtime, spec) as direct_trip,
-            floor_path(
-                fleet.redis_url,
-                settings.worker.docker_url,
-                sandbox_config(spec, "cat"),
-                LINE,
-            ) as floor_trip,
-            fleet_path(client) as fleet_trip,
-        ):
-            direct_rt, floor_rt, fleet_rt = await interleaved(
-                [direct_trip, floor_trip, fleet_trip], n
-            )
         async with FleetClient(fleet.url, fleet.api_key) as client:
+            async with (
+                direct_path(runtime, spec) as direct_trip,
+                floor_path(
+                    fleet.redis_url,
+                    settings.worker.docker_url,
+                    sandbox_config(spec, "cat"),
+                    LINE,
+                ) as floor_trip,
+                fleet_path(client) as fleet_trip,
+            ):
+                direct_rt, floor_rt, fleet_rt = await interleaved(
+                    [direct_trip, floor_trip, fleet_trip], n
+                )
             fleet_mbs = await fleet_throughput(client, size) / 1e6
     finally:
         await runtime.close()
