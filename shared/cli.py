@@ -275,6 +275,7 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         timeout_keep_alive=75,
         # Stdin arrives in messages of at most this; the client splits more.
         ws_max_size=MAX_STDIN_MESSAGE_BYTES,
+        ws_per_message_deflate=scheduler.ws_compression,
     )
     return 0
 

@@ -288,6 +288,10 @@ class SchedulerConfig(_Strict):
     )
     # An upload slower than this is cut off, so it cannot hold a worker slot.
     workspace_upload_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # Per-message deflate on the stdio WebSocket. Off: compressing and
+    # inflating each message on both ends costs more of a round trip than
+    # the relay's own work, and links to backends are rarely short of bytes.
+    ws_compression: bool = False
 
 
 class EgressConfig(_Strict):

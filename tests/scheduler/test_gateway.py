@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from scheduler.client import ApiError, End, FleetClient, StdinAck, Stdio
-from shared.localfleet import LocalFleet
+from shared.localfleet import LocalFleet, local_fleet
 from shared.wire import Output
+from tests.sandboxes import PROFILES
 
 
 async def _until_acked(stdio: Stdio, seq: int) -> None:
@@ -122,3 +123,41 @@ class TestStdinAfterTheEnd:
         assert (stdout, acks) == (b"done\n", [])
         assert end is not None
         assert end.exit_code == 7
+
+
+def _extensions(stdio: Stdio) -> str | None:
+    """What the gateway agreed to of the extensions the client offered."""
+    assert stdio.ws.response is not None
+    return stdio.ws.response.headers.get("Sec-WebSocket-Extensions")
+
+
+class TestCompression:
+    async def test_stdio_is_not_compressed_by_default(self, fleet: LocalFleet) -> None:
+        """The client offers per-message deflate; the gateway declines it."""
+        async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+            created = await client.create_session("cat-exit")
+            async with client.stdio(created["id"]) as stdio:
+                agreed = _extensions(stdio)
+                await stdio.send_eof()
+                _, _, end = await asyncio.wait_for(_rest(stdio), timeout=30)
+
+        assert agreed is None
+        assert end is not None
+
+    async def test_compression_is_agreed_when_configured(self, redis_url: str) -> None:
+        """With ws_compression on, the gateway takes the client's offer."""
+        with local_fleet(
+            PROFILES,
+            redis_url=redis_url,
+            orgs={"acme": {"max_sessions": 4, "sessions_per_minute": 1000}},
+            scheduler={"ws_compression": True},
+            start_worker=False,
+        ) as fleet:
+            async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+                created = await client.create_session("cat-exit")
+                async with client.stdio(created["id"]) as stdio:
+                    agreed = _extensions(stdio)
+                await client.cancel(created["id"])
+
+        assert agreed is not None
+        assert agreed.startswith("permessage-deflate")
