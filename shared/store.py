@@ -189,10 +189,12 @@ class Channel:
             await self._drop_if_closed()
         self._used_at_s = now
         try:
+            if self._timeout_s is None:
+                # Bounded by the command itself: no timer to arm and cancel.
+                await connection.send_packed_command(pack(args), check_health=False)
+                return await connection.read_response()
             async with asyncio.timeout(self._timeout_s):
-                await connection.send_packed_command(
-                    connection.pack_command(*args), check_health=False
-                )
+                await connection.send_packed_command(pack(args), check_health=False)
                 return await connection.read_response()
         except ResponseError:
             raise
@@ -226,6 +228,26 @@ class Channel:
     async def close(self) -> None:
         """Close the connection; a later command opens it again."""
         await self._connection.disconnect(nowait=True)
+
+
+def pack(args: Sequence[EncodableT]) -> bytes:
+    """One command in RESP, Redis' wire format: an array of bulk strings.
+
+    The relay sends a command per message, and redis-py's general encoder,
+    with its checks for every type, costs several times this.
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            value = arg.encode()
+        elif isinstance(arg, bytes | bytearray | memoryview):
+            value = bytes(arg)
+        elif isinstance(arg, int | float) and not isinstance(arg, bool):
+            value = repr(arg).encode()
+        else:
+            raise TypeError(f"{type(arg).__name__} is no Redis argument")
+        parts.append(b"$%d\r\n%s\r\n" % (len(value), value))
+    return b"".join(parts)
 
 
 class ScriptBatch:

@@ -121,3 +121,30 @@ class TestChannel:
             assert await channel.script(script, ["k2"], ["v2"]) == [b"k2", b"v2"]
         finally:
             await channel.close()
+
+
+class TestPack:
+    """The relay's own encoding of a command, against Redis' reading of it."""
+
+    @pytest.mark.parametrize(
+        "value", [b"", b"\x00\r\n\xff" * 3, "é\r\n", 0, -7, 2**63 - 1, 0.25, 1e-300]
+    )
+    async def test_a_value_reaches_redis_as_redis_py_sends_it(
+        self, client: Redis, value: bytes | str | int | float
+    ) -> None:
+        """A value packed by the relay is stored exactly as redis-py stores it."""
+        channel = Channel(client, timeout_s=1)
+        try:
+            await channel.execute("SET", "channel:list", value)
+            ours = await client.get("channel:list")
+        finally:
+            await channel.close()
+        await client.set("channel:list", value)
+
+        assert ours == await client.get("channel:list")
+
+    @pytest.mark.parametrize("value", [True, None, ["a"]])
+    def test_a_value_redis_has_no_form_for_is_refused(self, value: object) -> None:
+        """A bool, None or list names its type instead of reaching Redis."""
+        with pytest.raises(TypeError, match=type(value).__name__):
+            store.pack(["SET", "k", value])  # type: ignore[list-item]
