@@ -42,6 +42,10 @@ _STOP_GRACE_S = 5
 _POLL_S = 0.05
 
 
+# Where Redis listens: a host and port, or a unix socket's path.
+Address = tuple[str, int] | str
+
+
 class Resp:
     """One Redis connection that sends a command and waits for its reply."""
 
@@ -51,7 +55,9 @@ class Resp:
         self._replies = hiredis.Reader()
 
     @classmethod
-    async def open(cls, address: tuple[str, int]) -> Resp:
+    async def open(cls, address: Address) -> Resp:
+        if isinstance(address, str):
+            return cls(*await asyncio.open_unix_connection(address))
         return cls(*await asyncio.open_connection(*address))
 
     async def call(self, *args: bytes | str | int) -> Any:
@@ -70,7 +76,7 @@ def _pack(args: tuple[bytes | str | int, ...]) -> bytes:
 
 
 async def _follow(
-    address: tuple[str, int], key: str, deliver: Callable[[bytes], Awaitable[None]]
+    address: Address, key: str, deliver: Callable[[bytes], Awaitable[None]]
 ) -> None:
     """Hand each entry's one value to ``deliver``, in order, forever."""
     redis, cursor = await Resp.open(address), b"0-0"
@@ -92,7 +98,7 @@ def _child(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
 
 
 async def _work(
-    address: tuple[str, int],
+    address: Address,
     keys: tuple[str, str],
     docker_url: str,
     sandbox: tuple[str, dict[str, Any]],
@@ -122,7 +128,7 @@ async def _work(
 
 
 async def _serve(
-    address: tuple[str, int], keys: tuple[str, str], port: int, parent: Connection
+    address: Address, keys: tuple[str, str], port: int, parent: Connection
 ) -> None:
     async def relay(ws: ServerConnection) -> None:
         stdin = await Resp.open(address)
@@ -173,7 +179,9 @@ async def floor_path(
         config: the Engine API body of a container that runs ``cat``.
     """
     url = urlsplit(redis_url)
-    address = (url.hostname or "127.0.0.1", url.port or 6379)
+    address: Address = url.path
+    if url.scheme != "unix":
+        address = (url.hostname or "127.0.0.1", url.port or 6379)
     nonce = secrets.token_hex(4)
     keys = (f"floor:{nonce}:in", f"floor:{nonce}:out")
     # Named here, so that it is removed even if the worker dies midway.
@@ -263,7 +271,7 @@ async def _remove(docker_url: str, container: str) -> None:
         await runtime.close()
 
 
-async def _delete(address: tuple[str, int], keys: tuple[str, str]) -> None:
+async def _delete(address: Address, keys: tuple[str, str]) -> None:
     with contextlib.suppress(OSError):
         redis = await Resp.open(address)
         await redis.call("DEL", *keys)

@@ -18,15 +18,17 @@ import contextlib
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import uvloop
 from floor import floor_path
 
 from scheduler.client import End, FleetClient
-from shared.localfleet import local_fleet
+from shared.localfleet import local_fleet, redis_server
 from shared.settings import load_settings
 from shared.wire import Output
 from worker.docker import DockerRuntime, SandboxSpec, container_config, seccomp_profile
@@ -226,22 +228,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--round-trips", type=positive, default=500)
     parser.add_argument("--mib", type=positive, default=64)
+    parser.add_argument(
+        "--redis-tcp",
+        action="store_true",
+        help="reach Redis over loopback TCP, as from another node, instead of "
+        "its unix socket, as on one node",
+    )
     args = parser.parse_args()
     size = args.mib << 20
     profiles = {"cat": profile("cat"), "flood": profile(flood(size))}
     signal.signal(signal.SIGTERM, terminate)
     try:
-        rows = run(profiles, args.round_trips, size)
+        rows = run(profiles, args.round_trips, size, tcp=args.redis_tcp)
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
-    print(f"\n{'relay':<40}{'direct':>13}{'floor':>13}{'fleet':>13}")
+    redis = "loopback TCP" if args.redis_tcp else "a unix socket"
+    print(f"\nrelay, Redis on {redis}")
+    print(f"{'':<40}{'direct':>13}{'floor':>13}{'fleet':>13}")
     print("\n".join(rows))
 
 
-def run(profiles: dict[str, Any], n: int, size: int) -> list[str]:
-    with local_fleet(
-        profiles, orgs={"bench": {"max_sessions": 10, "sessions_per_minute": 1000}}
-    ) as fleet:
+def run(profiles: dict[str, Any], n: int, size: int, *, tcp: bool) -> list[str]:
+    with contextlib.ExitStack() as stack:
+        if tcp:
+            url = stack.enter_context(redis_server())
+        else:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-"))
+            url = stack.enter_context(redis_server(unix_socket=Path(folder) / "sock"))
+        fleet = stack.enter_context(
+            local_fleet(
+                profiles,
+                redis_url=url,
+                orgs={"bench": {"max_sessions": 10, "sessions_per_minute": 1000}},
+            )
+        )
         # The harness runs on uvloop, as the fleet's processes do, so that
         # the client's own cost stays small beside what it measures.
         try:

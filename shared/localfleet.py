@@ -133,15 +133,18 @@ def write_settings(path: Path, settings: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def redis_server(port: int | None = None) -> Iterator[str]:
-    """Run a throw-away ``redis-server`` on loopback; yield its URL."""
-    with redis_process(port) as (url, _):
+def redis_server(
+    port: int | None = None, *, unix_socket: Path | None = None
+) -> Iterator[str]:
+    """Run a throw-away ``redis-server`` on loopback, or on ``unix_socket``
+    alone; yield its URL."""
+    with redis_process(port, unix_socket=unix_socket) as (url, _):
         yield url
 
 
 @contextmanager
 def redis_process(
-    port: int | None = None,
+    port: int | None = None, *, unix_socket: Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run a throw-away ``redis-server``; yield its URL and its process,
     for tests that stop, continue or kill it."""
@@ -151,24 +154,23 @@ def redis_process(
             "redis-server is not installed; install it (Debian: apt-get install "
             "redis-server) or set ACP_FLEET_REDIS_URL to a running Redis."
         )
-    port = port or free_port()
+    if unix_socket is None:
+        port = port or free_port()
+        listen = ["--port", str(port), "--bind", "127.0.0.1"]
+        url = f"redis://127.0.0.1:{port}/0"
+    else:
+        listen = ["--port", "0", "--unixsocket", str(unix_socket)]
+        listen += ["--unixsocketperm", "700"]
+        url = f"unix://{unix_socket}"
     process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        [binary, *listen, "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
-    url = f"redis://127.0.0.1:{port}/0"
     try:
-        wait_for_port(port, process, "redis-server")
+        if unix_socket is None:
+            wait_for_port(port or 0, process, "redis-server")
+        else:
+            wait_for_unix_socket(unix_socket, process, "redis-server")
         yield url, process
     finally:
         # A stopped server would not act on the SIGTERM until continued.
@@ -273,6 +275,22 @@ def _maybe_redis(redis_url: str | None) -> Iterator[str]:
         return
     with redis_server() as started:
         yield started
+
+
+def wait_for_unix_socket(
+    path: Path, process: subprocess.Popen[bytes], name: str, *, timeout_s: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FleetError(f"{name} exited with {process.returncode}")
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise FleetError(f"{name} did not listen on {path} within {timeout_s} s")
 
 
 def wait_for_port(

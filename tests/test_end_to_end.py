@@ -2,14 +2,19 @@
 
 Every hop is the production path: HTTP admission, the arq queue, the worker,
 the Docker Engine, the hardened sandbox, and the Redis streams back to the
-scheduler's WebSocket that ``connect`` relays to its own stdio.
+scheduler's WebSocket that ``connect`` relays to its own stdio. A fleet of
+its own reaches Redis over a unix socket, as processes on one node may.
 """
 
 from __future__ import annotations
 
-from scheduler.client import FleetClient
+from pathlib import Path
+
+from scheduler.client import End, FleetClient
 from shared.demo import drive_acp
-from shared.localfleet import LocalFleet
+from shared.localfleet import LocalFleet, local_fleet, redis_server
+from shared.wire import Output
+from tests.sandboxes import PROFILES
 
 
 class TestAcpThroughTheFleet:
@@ -41,3 +46,36 @@ class TestAcpThroughTheFleet:
             <= timings["first_byte_ms"]
             <= timings["ended_ms"]
         )
+
+
+class TestRedisOnAUnixSocket:
+    async def test_a_session_runs_with_redis_on_its_socket(
+        self, tmp_path: Path, docker_images: None
+    ) -> None:
+        """A fleet that reaches Redis by a unix:// URL, as on one node,
+        admits, runs and ends a session and relays its stdio both ways."""
+        with (
+            redis_server(unix_socket=tmp_path / "redis.sock") as url,
+            local_fleet(
+                PROFILES,
+                redis_url=url,
+                orgs={"acme": {"max_sessions": 4, "sessions_per_minute": 1000}},
+            ) as fleet,
+        ):
+            async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
+                created = await client.create_session("cat-exit")
+                stdout, end = b"", None
+                async with client.stdio(created["id"]) as stdio:
+                    await stdio.send(b"over the socket\n")
+                    await stdio.send_eof()
+                    async for event in stdio.events():
+                        if isinstance(event, Output):
+                            stdout += event.data
+                        elif isinstance(event, End):
+                            end = event
+                            break
+
+        assert url == f"unix://{tmp_path / 'redis.sock'}"
+        assert stdout == b"over the socket\ndone\n"
+        assert end is not None
+        assert end.exit_code == 7
