@@ -268,6 +268,9 @@ class Stdio:
         sent after that has no agent to read it and is not an error.
         """
         with contextlib.suppress(ConnectionClosedOK):
+            if 0 < len(data) <= MAX_STDIN_MESSAGE_BYTES:
+                await self.ws.send(data)
+                return
             for start in range(0, len(data), MAX_STDIN_MESSAGE_BYTES):
                 await self.ws.send(data[start : start + MAX_STDIN_MESSAGE_BYTES])
 
@@ -286,7 +289,14 @@ class Stdio:
             ApiError: the gateway refused the connection or a message.
         """
         unacked_bytes, cursor = 0, None
-        async for message in self.ws:
+        ws = self.ws
+        while True:
+            # recv() itself, not the connection's own async iterator: one
+            # generator fewer to step through for every message.
+            try:
+                message = await ws.recv()
+            except ConnectionClosedOK:
+                return
             if isinstance(message, bytes):
                 output = decode_output(message)
                 yield output
