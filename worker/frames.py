@@ -40,7 +40,12 @@ class FrameDecoder:
                 padding, or announces an impossible length.
         """
         pieces: list[tuple[int, bytes]] = []
-        view = memoryview(chunk)
+        start = 0
+        if not self._header and not self._remaining:
+            start = _whole_frames(chunk, pieces)
+            if start == len(chunk):
+                return pieces
+        view = memoryview(chunk)[start:]
         while view:
             if self._remaining:
                 take = view[: self._remaining]
@@ -64,13 +69,33 @@ class FrameDecoder:
     def _start_frame(self) -> None:
         header = bytes(self._header)
         self._header.clear()
-        if header[1:4] != b"\0\0\0" or header[0] not in (STDOUT, STDERR):
-            raise FrameError(f"malformed frame header {header.hex()}")
-        stream, length = _HEADER.unpack(header)
-        if length > MAX_FRAME_BYTES:
-            raise FrameError(f"frame length {length} exceeds {MAX_FRAME_BYTES}")
-        self._stream = stream
-        self._remaining = length
+        self._stream, self._remaining = _parse_header(header, 0)
+
+
+def _parse_header(data: bytes, at: int) -> tuple[int, int]:
+    """Return the stream and length of the frame header at ``at``."""
+    if data[at + 1 : at + 4] != b"\0\0\0" or data[at] not in (STDOUT, STDERR):
+        raise FrameError(f"malformed frame header {data[at : at + 8].hex()}")
+    stream, length = _HEADER.unpack_from(data, at)
+    if length > MAX_FRAME_BYTES:
+        raise FrameError(f"frame length {length} exceeds {MAX_FRAME_BYTES}")
+    return stream, length
+
+
+def _whole_frames(chunk: bytes, pieces: list[tuple[int, bytes]]) -> int:
+    """Place the frames that lie whole at the start of ``chunk``; return
+    where they end. A chunk is most often one or more whole frames, which
+    this takes without copying a header byte by byte."""
+    at, size = 0, len(chunk)
+    while at + _HEADER.size <= size:
+        stream, length = _parse_header(chunk, at)
+        end = at + _HEADER.size + length
+        if end > size:
+            break
+        if length:
+            _append(pieces, stream, chunk[at + _HEADER.size : end])
+        at = end
+    return at
 
 
 def _append(pieces: list[tuple[int, bytes]], stream: int, data: bytes) -> None:
@@ -107,6 +132,9 @@ class LineBuffer:
         Raises:
             LineTooLong: the unfinished line is longer than the cap.
         """
+        if not self._pending and data.endswith(b"\n") and len(data) <= self.cap_bytes:
+            # Whole lines, none longer than the cap: all of it is ready.
+            return data
         cut = data.rfind(b"\n")
         if cut < 0:
             self._pending += data
