@@ -171,6 +171,11 @@ class Channel:
     an error reply leaves it open. The next command opens it again, and a
     connection idle for a while is checked first, as the pool checks one it
     hands out, since Redis' ``timeout`` or a proxy may have closed it.
+
+    The bound is kept by one timer for the channel, not one per command: a
+    loop that sends a command per message would arm and cancel thousands a
+    second. The timer looks at the command in flight when it fires, and
+    fires again when that one would be due.
     """
 
     def __init__(self, client: Redis, *, timeout_s: float | None) -> None:
@@ -180,30 +185,83 @@ class Channel:
         )
         self._timeout_s = timeout_s
         self._used_at_s = 0.0
+        # A script's call up to its arguments, packed once: EVALSHA, its
+        # digest and its keys are the same for every message of a loop.
+        self._prefixes: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        # The command in flight: when it was sent, and the task awaiting it.
+        self._sent_at: float | None = None
+        self._waiting: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
 
     async def execute(self, *args: EncodableT) -> Any:
         """Send one command and return its reply, unparsed."""
+        return await self._call(pack(args), args[0])
+
+    async def script(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> Any:
+        """Run a registered script, loading it first if Redis lost it."""
+        try:
+            return await self._call(self._evalsha(script, keys, args), "EVALSHA")
+        except NoScriptError:
+            await self.execute("SCRIPT", "LOAD", script.script)
+            return await self._call(self._evalsha(script, keys, args), "EVALSHA")
+
+    def _evalsha(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> bytes:
+        name = (script.sha, tuple(keys))
+        prefix = self._prefixes.get(name)
+        if prefix is None:
+            prefix = _bulk_strings(["EVALSHA", script.sha, len(keys), *keys])
+            self._prefixes[name] = prefix
+        header = b"*%d\r\n" % (3 + len(keys) + len(args))
+        return header + prefix + _bulk_strings(args)
+
+    async def _call(self, command: bytes, name: EncodableT) -> Any:
         connection = self._connection
-        now = time.monotonic()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if now - self._used_at_s > CHANNEL_IDLE_CHECK_S and connection.is_connected:
             await self._drop_if_closed()
         self._used_at_s = now
+        if self._timeout_s is not None:
+            self._sent_at, self._waiting = now, asyncio.current_task()
+            if self._timer is None:
+                self._timer = loop.call_at(now + self._timeout_s, self._look)
         try:
-            if self._timeout_s is None:
-                # Bounded by the command itself: no timer to arm and cancel.
-                await connection.send_packed_command(pack(args), check_health=False)
-                return await connection.read_response()
-            async with asyncio.timeout(self._timeout_s):
-                await connection.send_packed_command(pack(args), check_health=False)
-                return await connection.read_response()
+            await connection.send_packed_command(command, check_health=False)
+            return await connection.read_response()
         except ResponseError:
             raise
-        except TimeoutError as exc:
+        except asyncio.CancelledError:
             await connection.disconnect(nowait=True)
-            raise RedisTimeoutError(f"no reply from Redis to {args[0]!r}") from exc
+            task = asyncio.current_task()
+            if self._expired and task is not None and task.uncancel() == 0:
+                raise RedisTimeoutError(f"no reply from Redis to {name!r}") from None
+            raise
         except BaseException:
             await connection.disconnect(nowait=True)
             raise
+        finally:
+            self._sent_at = self._waiting = None
+            self._expired = False
+
+    def _look(self) -> None:
+        """Cancel the command in flight if it is due; else wait until the
+        one in flight would be. With none in flight the timer stops, and
+        the next command starts it again."""
+        self._timer = None
+        if self._sent_at is None or self._waiting is None or self._timeout_s is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._sent_at + self._timeout_s
+        if loop.time() >= due:
+            self._expired = True
+            self._waiting.cancel()
+        else:
+            self._timer = loop.call_at(due, self._look)
 
     async def _drop_if_closed(self) -> None:
         """Disconnect a connection the server closed, or that holds data no
@@ -215,18 +273,11 @@ class Channel:
         if stale:
             await self._connection.disconnect(nowait=True)
 
-    async def script(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
-    ) -> Any:
-        """Run a registered script, loading it first if Redis lost it."""
-        try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self.execute("SCRIPT", "LOAD", script.script)
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-
     async def close(self) -> None:
         """Close the connection; a later command opens it again."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         await self._connection.disconnect(nowait=True)
 
 
@@ -236,9 +287,15 @@ def pack(args: Sequence[EncodableT]) -> bytes:
     The relay sends a command per message, and redis-py's general encoder,
     with its checks for every type, costs several times this.
     """
-    parts = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n" % len(args) + _bulk_strings(args)
+
+
+def _bulk_strings(args: Sequence[EncodableT]) -> bytes:
+    parts = []
     for arg in args:
-        if isinstance(arg, str):
+        if type(arg) is bytes:
+            value = arg
+        elif isinstance(arg, str):
             value = arg.encode()
         elif isinstance(arg, bytes | bytearray | memoryview):
             value = bytes(arg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -80,6 +81,42 @@ class TestChannel:
                 await waiting
             await client.rpush("channel:list", "late")
             assert await channel.execute("PING") == b"PONG"
+        finally:
+            await channel.close()
+
+    async def test_a_command_sent_late_in_the_timers_turn_gets_its_whole_bound(
+        self, client: Redis
+    ) -> None:
+        """The channel's one timer, armed by an earlier command, waits on for
+        a later one instead of cutting it short."""
+        channel = Channel(client, timeout_s=0.3)
+        try:
+            await channel.execute("PING")
+            # The timer armed by PING fires 0.1 s into the next command.
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError, match="BLPOP"):
+                await channel.execute("BLPOP", "channel:list", 1)
+            waited_s = time.monotonic() - started
+            assert await channel.execute("PING") == b"PONG"
+        finally:
+            await channel.close()
+
+        # BLPOP itself would have answered nil after 1 s, raising nothing.
+        assert waited_s >= 0.29
+
+    async def test_a_cancel_under_a_bound_stays_a_cancel(self, client: Redis) -> None:
+        """Cancelling a bounded command raises CancelledError, not a timeout,
+        and leaves no reply for the next command."""
+        channel = Channel(client, timeout_s=5)
+        try:
+            waiting = asyncio.create_task(channel.execute("BLPOP", "channel:list", 2))
+            await asyncio.sleep(0.1)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await client.rpush("channel:list", "late")
+            assert await channel.execute("LLEN", "channel:list") == 1
         finally:
             await channel.close()
 
