@@ -279,7 +279,8 @@ return {id, total - acked}
 """
 
 # KEYS: session, stdin
-# ARGV: field, value, max_pending_bytes, stream_ttl_ms, writer, seq
+# ARGV: max_pending_bytes, stream_ttl_ms, writer, field, seq, value (those a
+# relay loop sends alike for every message first)
 # Appends client-to-agent data while the session has not ended and the
 # worker has not fallen more than max_pending_bytes behind. A client that
 # numbers its messages (writer non-empty, seq from 1) may send one again
@@ -295,23 +296,23 @@ if not state or state == 'ended' then return -1 end
 local pending = tonumber(redis.call('HGET', KEYS[1], 'in_pending_bytes') or '0')
 -- Before the eof check: data resent after a drop may precede an eof that
 -- was written, and is then a repeat, not data after the end of stdin.
-local seq_field = 'in_seq:' .. ARGV[5]
-if ARGV[5] ~= '' then
+local seq_field = 'in_seq:' .. ARGV[3]
+if ARGV[3] ~= '' then
   local last = tonumber(redis.call('HGET', KEYS[1], seq_field) or '0')
-  if tonumber(ARGV[6]) <= last then return pending end
+  if tonumber(ARGV[5]) <= last then return pending end
 end
-if ARGV[1] == 'd' and redis.call('HEXISTS', KEYS[1], 'stdin_eof') == 1 then
+if ARGV[4] == 'd' and redis.call('HEXISTS', KEYS[1], 'stdin_eof') == 1 then
   return -3
 end
-if ARGV[1] == 'eof' then redis.call('HSET', KEYS[1], 'stdin_eof', '1') end
-if ARGV[1] == 'd' and pending + #ARGV[2] > tonumber(ARGV[3]) and pending > 0 then
+if ARGV[4] == 'eof' then redis.call('HSET', KEYS[1], 'stdin_eof', '1') end
+if ARGV[4] == 'd' and pending + #ARGV[6] > tonumber(ARGV[1]) and pending > 0 then
   return -2
 end
-redis.call('XADD', KEYS[2], '*', ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], seq_field, ARGV[6]) end
-if ARGV[1] == 'd' then
-  return redis.call('HINCRBY', KEYS[1], 'in_pending_bytes', #ARGV[2])
+redis.call('XADD', KEYS[2], '*', ARGV[4], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], seq_field, ARGV[5]) end
+if ARGV[4] == 'd' then
+  return redis.call('HINCRBY', KEYS[1], 'in_pending_bytes', #ARGV[6])
 end
 return pending
 """

@@ -185,9 +185,7 @@ class Channel:
         )
         self._timeout_s = timeout_s
         self._used_at_s = 0.0
-        # A script's call up to its arguments, packed once: EVALSHA, its
-        # digest and its keys are the same for every message of a loop.
-        self._prefixes: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        self._prepared: dict[tuple[EncodableT, ...], Prepared] = {}
         # The command in flight: when it was sent, and the task awaiting it.
         self._sent_at: float | None = None
         self._waiting: asyncio.Task[Any] | None = None
@@ -202,22 +200,27 @@ class Channel:
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
     ) -> Any:
         """Run a registered script, loading it first if Redis lost it."""
-        try:
-            return await self._call(self._evalsha(script, keys, args), "EVALSHA")
-        except NoScriptError:
-            await self.execute("SCRIPT", "LOAD", script.script)
-            return await self._call(self._evalsha(script, keys, args), "EVALSHA")
+        return await self.prepare_script(script, keys)(*args)
 
-    def _evalsha(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
-    ) -> bytes:
-        name = (script.sha, tuple(keys))
-        prefix = self._prefixes.get(name)
-        if prefix is None:
-            prefix = _bulk_strings(["EVALSHA", script.sha, len(keys), *keys])
-            self._prefixes[name] = prefix
-        header = b"*%d\r\n" % (3 + len(keys) + len(args))
-        return header + prefix + _bulk_strings(args)
+    def prepare(self, *leading: EncodableT) -> Prepared:
+        """The command that starts with ``leading``, packed once for this
+        channel: a loop that sends it per message packs only what follows."""
+        prepared = self._prepared.get(leading)
+        if prepared is None:
+            prepared = self._prepared[leading] = Prepared(self, leading)
+        return prepared
+
+    def prepare_script(
+        self, script: AsyncScript, keys: Sequence[str], *leading: EncodableT
+    ) -> Prepared:
+        """As ``prepare``, for a registered script with ``keys`` and its
+        first arguments ``leading``; it is loaded again if Redis lost it."""
+        name = (script.sha, len(keys), *keys, *leading)
+        prepared = self._prepared.get(name)
+        if prepared is None:
+            words = ("EVALSHA", script.sha, len(keys), *keys, *leading)
+            prepared = self._prepared[name] = Prepared(self, words, script)
+        return prepared
 
     async def _call(self, command: bytes, name: EncodableT) -> Any:
         connection = self._connection
@@ -279,6 +282,40 @@ class Channel:
             self._timer.cancel()
             self._timer = None
         await self._connection.disconnect(nowait=True)
+
+
+class Prepared:
+    """A command of one channel whose first arguments are packed once."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        leading: Sequence[EncodableT],
+        script: AsyncScript | None = None,
+    ) -> None:
+        self._channel = channel
+        self._name = leading[0]
+        self._count = len(leading)
+        self._head = _bulk_strings(leading)
+        self._head_of_one = b"*%d\r\n" % (self._count + 1) + self._head
+        self._script = script
+
+    async def __call__(self, *args: EncodableT) -> Any:
+        """Send the command with ``args`` after its first arguments."""
+        if len(args) == 1 and type(args[0]) is bytes:
+            # A message's bytes alone: the relay's own case, in one step.
+            value = args[0]
+            command = self._head_of_one + b"$%d\r\n%s\r\n" % (len(value), value)
+        else:
+            command = b"*%d\r\n" % (self._count + len(args)) + self._head
+            command += _bulk_strings(args)
+        if self._script is None:
+            return await self._channel._call(command, self._name)
+        try:
+            return await self._channel._call(command, self._name)
+        except NoScriptError:
+            await self._channel.execute("SCRIPT", "LOAD", self._script.script)
+            return await self._channel._call(command, self._name)
 
 
 def pack(args: Sequence[EncodableT]) -> bytes:
@@ -553,17 +590,22 @@ class SessionStore:
         Raises:
             LeaseLost: another owner holds the session now.
         """
-        args: list[bytes | str | int] = [claim.token, ttl_ms]
-        for field, value in entries:
-            args += [field, value]
+        pairs: list[EncodableT] = [item for entry in entries for item in entry]
         k = self.keys
         sid = claim.session_id
         keys = [k.lease(sid), k.stdout(sid), k.session(sid)]
         try:
             if via is None:
+                args: list[EncodableT] = [claim.token, ttl_ms, *pairs]
                 _, backlog = await self._append(keys=keys, args=args)
+            elif len(entries) == 1:
+                # Most often one entry: prepared up to its field, by field.
+                (field, value), token = entries[0], claim.token
+                call = via.prepare_script(self._append, keys, token, ttl_ms, field)
+                _, backlog = await call(value)
             else:
-                _, backlog = await via.script(self._append, keys, args)
+                call = via.prepare_script(self._append, keys, claim.token, ttl_ms)
+                _, backlog = await call(*pairs)
         except ResponseError as exc:
             if "LEASE_LOST" in str(exc):
                 raise LeaseLost(sid) from exc
@@ -708,17 +750,14 @@ class SessionStore:
         """
         k = self.keys
         keys = [k.session(session_id), k.stdin(session_id)]
-        args: list[EncodableT] = [
-            field,
-            value,
-            max_pending_bytes,
-            RETENTION_MS,
-            writer,
-            seq,
-        ]
+        common: list[EncodableT] = [max_pending_bytes, RETENTION_MS, writer, field]
         if via is None:
+            args = [*common, seq, value]
             return int(await self._stdin(keys=keys, args=args))
-        return int(await via.script(self._stdin, keys, args))
+        if not writer:
+            # Unnumbered, every message of the loop differs in its bytes alone.
+            return int(await via.prepare_script(self._stdin, keys, *common, 0)(value))
+        return int(await via.prepare_script(self._stdin, keys, *common)(seq, value))
 
     async def consumed_stdin(
         self, session_id: str, entry_id: bytes, consumed_bytes: int
@@ -783,9 +822,12 @@ class SessionStore:
                     return []
                 wait_ms = min(slice_ms, left_ms)
             if via is not None:
-                raw = await via.execute(
-                    "XREAD", "COUNT", count, "BLOCK", wait_ms, "STREAMS", key, cursor
-                )
+                command = ("XREAD", "COUNT", count, "BLOCK", wait_ms, "STREAMS", key)
+                if deadline is None:
+                    # Forever's slices are alike: their command is packed once.
+                    raw = await via.prepare(*command)(cursor)
+                else:
+                    raw = await via.execute(*command, cursor)
                 if raw:
                     # One stream was read: RESP2 answers [[key, entries]],
                     # RESP3 {key: entries}.
