@@ -224,15 +224,15 @@ class Channel:
 
     async def _call(self, command: bytes, name: EncodableT) -> Any:
         connection = self._connection
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         if now - self._used_at_s > CHANNEL_IDLE_CHECK_S and connection.is_connected:
             await self._drop_if_closed()
         self._used_at_s = now
         if self._timeout_s is not None:
             self._sent_at, self._waiting = now, asyncio.current_task()
             if self._timer is None:
-                self._timer = loop.call_at(now + self._timeout_s, self._look)
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._timeout_s, self._look)
         try:
             await connection.send_packed_command(command, check_health=False)
             return await connection.read_response()
@@ -258,13 +258,12 @@ class Channel:
         self._timer = None
         if self._sent_at is None or self._waiting is None or self._timeout_s is None:
             return
-        loop = asyncio.get_running_loop()
-        due = self._sent_at + self._timeout_s
-        if loop.time() >= due:
+        left_s = self._sent_at + self._timeout_s - time.monotonic()
+        if left_s <= 0:
             self._expired = True
             self._waiting.cancel()
         else:
-            self._timer = loop.call_at(due, self._look)
+            self._timer = asyncio.get_running_loop().call_later(left_s, self._look)
 
     async def _drop_if_closed(self) -> None:
         """Disconnect a connection the server closed, or that holds data no
