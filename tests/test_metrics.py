@@ -143,6 +143,22 @@ class Scrapes:
         fleet = self.fleet
         return scrape(fleet.worker_metrics_url), scrape(f"{fleet.url}/metrics")
 
+    def grown(self, name: str, label: str) -> dict[str, float]:
+        """How much each ``label`` value's ``name`` grew since creation, on
+        both endpoints together, from one scrape of each; those that did
+        not grow are left out."""
+        after = self.now()
+        grown: dict[str, float] = {}
+        for now, then in zip(after, self.before, strict=True):
+            for (sample, labels), total in now.items():
+                named = dict(labels).get(label)
+                if sample != name or named is None:
+                    continue
+                grown[named] = (
+                    grown.get(named, 0) + total - then.get((sample, labels), 0)
+                )
+        return {named: amount for named, amount in grown.items() if amount}
+
     def delta(self, name: str, **labels: str) -> float:
         """How much ``name`` grew on both endpoints together since creation."""
         after = self.now()
@@ -491,10 +507,13 @@ class TestDockerMetrics:
         scrapes = Scrapes(metered)
 
         ran = await run_session(metered, "bad-cpuset")
+        errors = scrapes.grown("fleet_docker_errors_total", "kind")
 
         assert ran.view["cause"] == "start_failed"
-        assert scrapes.delta("fleet_docker_errors_total") == 1
-        assert scrapes.delta("fleet_docker_errors_total", kind="refused") == 1
+        # The nosh pool's spares exit at once, so its refills fail with 409
+        # on a timer of their own, which this session's window may catch.
+        errors.pop("conflict", None)
+        assert errors == {"refused": 1}
 
 
 class TestDockerErrorKinds:
