@@ -5,8 +5,8 @@ the worker, each a process of its own as in the fleet. A line goes from
 the client's WebSocket to the server, through a Redis stream to the loop,
 into ``cat`` in a sandbox over an attach socket, and back the same way.
 Stdin and output pass with plain XADD and XREAD, and nothing else is done:
-no session state, lease fencing, stdin bound, numbering, metrics,
-acknowledgements or compression. What the fleet adds above this floor is
+no session state, lease fencing, stdin bound, numbering, metrics or
+acknowledgements. What the fleet adds above this floor is
 the cost of those and of its own client and server; the floor is the
 least that Python pays here for the hops.
 """
@@ -208,8 +208,8 @@ async def floor_path(
         worker_end.close()
         gateway_end.close()
         await _ready([to_worker, to_gateway])
-        # The fleet's client's options, less per-message deflate: a floor
-        # pays for nothing it could do without.
+        # The fleet's client's options, less its offer of per-message
+        # deflate, which the fleet's gateway declines too by default.
         async with websockets.connect(
             f"ws://127.0.0.1:{port}", max_size=None, max_queue=None, compression=None
         ) as ws:

@@ -6,8 +6,10 @@ WebSocket, scheduler, Redis streams, worker) and straight over an attach
 socket to a container of the same image, in one run. The round trip is
 also measured through the floor (``floor.py``): the fleet's hops with the
 least code, which tells what the fleet's own work costs above them.
+Both reach a Redis of their own by its unix socket, or with
+``--redis-tcp`` over loopback TCP.
 
-    .venv/bin/python bench/relay.py [--round-trips 500] [--mib 64]
+    .venv/bin/python bench/relay.py [--round-trips 500] [--mib 64] [--redis-tcp]
 """
 
 from __future__ import annotations
