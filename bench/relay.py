@@ -29,7 +29,7 @@ from typing import Any
 import uvloop
 from floor import floor_path
 
-from scheduler.client import End, FleetClient
+from scheduler.client import ApiError, End, FleetClient
 from shared.localfleet import local_fleet, redis_server
 from shared.settings import load_settings
 from shared.wire import Output
@@ -120,19 +120,28 @@ async def direct_throughput(
 async def fleet_path(client: FleetClient) -> AsyncIterator[Trip]:
     """A ``cat`` session through the fleet; yield one round trip."""
     created = await client.create_session("cat")
-    async with client.stdio(created["id"]) as stdio:
-        events = stdio.events()
+    try:
+        async with client.stdio(created["id"]) as stdio:
+            events = stdio.events()
 
-        async def round_trip() -> None:
-            await stdio.send(LINE)
-            got = 0
-            while got < len(LINE):
-                event = await anext(events)
-                if isinstance(event, Output):
-                    got += len(event.data)
+            async def round_trip() -> None:
+                await stdio.send(LINE)
+                got = 0
+                while got < len(LINE):
+                    event = await anext(events)
+                    if isinstance(event, Output):
+                        got += len(event.data)
 
-        yield round_trip
-        await stdio.send_eof()
+            yield round_trip
+    finally:
+        await _end(client, created["id"])
+
+
+async def _end(client: FleetClient, session_id: str) -> None:
+    """Cancel the session, so that a benchmark stopped midway leaves its
+    worker nothing to drain."""
+    with contextlib.suppress(ApiError):
+        await client.cancel(session_id)
 
 
 async def interleaved(trips: list[Trip], n: int) -> list[list[float]]:
@@ -153,13 +162,16 @@ async def interleaved(trips: list[Trip], n: int) -> list[list[float]]:
 async def fleet_throughput(client: FleetClient, size: int) -> float:
     created = await client.create_session("flood")
     got, started = 0, None
-    async with client.stdio(created["id"]) as stdio:
-        async for event in stdio.events():
-            if isinstance(event, Output):
-                started = started or time.perf_counter()
-                got += len(event.data)
-            elif isinstance(event, End):
-                break
+    try:
+        async with client.stdio(created["id"]) as stdio:
+            async for event in stdio.events():
+                if isinstance(event, Output):
+                    started = started or time.perf_counter()
+                    got += len(event.data)
+                elif isinstance(event, End):
+                    break
+    finally:
+        await _end(client, created["id"])
     assert got == size, f"read {got} of {size} bytes"
     assert started is not None
     return size / (time.perf_counter() - started)

@@ -7,6 +7,7 @@ settings file, so that every hop is the production path.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,10 @@ REPO = Path(__file__).resolve().parent.parent
 # How long a process stopped with SIGTERM has to exit, beyond a worker's
 # drain grace, before it is killed.
 STOP_WAIT_S = 30
+
+
+# The longest path a unix socket's address holds on Linux, less its NUL.
+_UNIX_PATH_MAX = 107
 
 
 def free_port() -> int:
@@ -112,9 +117,9 @@ class LocalFleet:
         drain grace, then end and have their sandboxes removed. It is given
         that long and more, so that it is not killed with sandboxes left.
         """
-        process = self.processes.pop(name)
+        process = self.processes[name]
         wait_s = STOP_WAIT_S
-        if self.commands.pop(name, None) == "worker":
+        if self.commands.get(name) == "worker":
             wait_s += self.settings.worker.drain_grace_s
         if kill:
             process.kill()
@@ -125,6 +130,9 @@ class LocalFleet:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        # Forgotten only once stopped: a stop cut short can be made again.
+        del self.processes[name]
+        self.commands.pop(name, None)
 
 
 def write_settings(path: Path, settings: Mapping[str, Any]) -> None:
@@ -159,24 +167,38 @@ def redis_process(
         listen = ["--port", str(port), "--bind", "127.0.0.1"]
         url = f"redis://127.0.0.1:{port}/0"
     else:
+        if len(os.fsencode(unix_socket)) > _UNIX_PATH_MAX:
+            raise FleetError(
+                f"the unix socket path {unix_socket} is "
+                f"{len(os.fsencode(unix_socket))} bytes, over the {_UNIX_PATH_MAX} "
+                "a socket's address holds; choose a shorter folder (TMPDIR)"
+            )
         listen = ["--port", "0", "--unixsocket", str(unix_socket)]
         listen += ["--unixsocketperm", "700"]
         url = f"unix://{unix_socket}"
-    process = subprocess.Popen(
-        [binary, *listen, "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        if unix_socket is None:
-            wait_for_port(port or 0, process, "redis-server")
-        else:
-            wait_for_unix_socket(unix_socket, process, "redis-server")
-        yield url, process
-    finally:
-        # A stopped server would not act on the SIGTERM until continued.
-        process.send_signal(signal.SIGCONT)
-        process.terminate()
-        process.wait(timeout=10)
+    # Its log is kept to tell why it stopped, should it not start.
+    with tempfile.TemporaryFile() as output:
+        process = subprocess.Popen(
+            [binary, *listen, "--save", "", "--appendonly", "no"],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            try:
+                if unix_socket is None:
+                    wait_for_port(port or 0, process, "redis-server")
+                else:
+                    wait_for_unix_socket(unix_socket, process, "redis-server")
+            except FleetError as exc:
+                output.seek(0)
+                said = output.read()[-2000:].decode(errors="replace")
+                raise FleetError(f"{exc}\n{said}") from None
+            yield url, process
+        finally:
+            # A stopped server would not act on the SIGTERM until continued.
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+            process.wait(timeout=10)
 
 
 @contextmanager
@@ -236,10 +258,32 @@ def local_fleet(
                 wait_for_worker(fleet)
             yield fleet
         finally:
-            for name in list(fleet.processes):
-                fleet.stop(name)
-            _unmount_under(workdir)
-            shutil.rmtree(workdir, ignore_errors=True)
+            _clean_up(fleet)
+
+
+def _clean_up(fleet: LocalFleet) -> None:
+    """Stop the fleet's processes, unmount and remove its folder.
+
+    A signal's exception (Ctrl-C, or a SIGTERM handler's ``SystemExit``)
+    that lands in a step is held while that step is done again and the
+    rest follow, then raised: stopping midway would leave processes,
+    mounts and the folder with the fleet's secrets behind.
+    """
+    steps: list[Callable[[], object]] = [
+        *(functools.partial(fleet.stop, name) for name in list(fleet.processes)),
+        functools.partial(_unmount_under, fleet.workdir),
+        functools.partial(shutil.rmtree, fleet.workdir, ignore_errors=True),
+    ]
+    held: BaseException | None = None
+    for step in steps:
+        while True:
+            try:
+                step()
+                break
+            except (KeyboardInterrupt, SystemExit) as exc:
+                held = held or exc
+    if held is not None:
+        raise held
 
 
 def _unmount_under(directory: Path) -> None:

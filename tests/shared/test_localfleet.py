@@ -1,0 +1,81 @@
+"""The local fleet's clean-up, which tests, the demo and benchmarks rely on."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shared import localfleet
+from shared.errors import FleetError
+from shared.localfleet import LocalFleet, redis_server
+
+
+def _fleet(workdir: Path) -> LocalFleet:
+    """A fleet of two sleeping processes and a folder, with no services."""
+    fleet = LocalFleet(
+        url="http://127.0.0.1:1",
+        api_keys={},
+        operator_key="",
+        redis_url="redis://127.0.0.1:1/0",
+        config_path=workdir / "fleet.toml",
+        workdir=workdir,
+    )
+    for name in ("scheduler", "other"):
+        fleet.processes[name] = subprocess.Popen(["sleep", "600"])
+    (workdir / "fleet.toml").write_text("token_secret = 'kept from no one'\n")
+    return fleet
+
+
+class TestCleanUp:
+    def test_an_interrupt_midway_is_raised_once_all_is_cleaned(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Ctrl-C during the first stop: that stop is made again, the other
+        process stops too, the folder goes, and then Ctrl-C is raised."""
+        workdir = tmp_path / "fleet"
+        workdir.mkdir()
+        fleet = _fleet(workdir)
+        processes = list(fleet.processes.values())
+        stop = LocalFleet.stop
+        interrupted: list[str] = []
+
+        def stop_once_interrupted(self: LocalFleet, name: str) -> None:
+            if not interrupted:
+                interrupted.append(name)
+                raise KeyboardInterrupt
+            stop(self, name)
+
+        monkeypatch.setattr(LocalFleet, "stop", stop_once_interrupted)
+
+        with pytest.raises(KeyboardInterrupt):
+            localfleet._clean_up(fleet)
+
+        assert interrupted == ["scheduler"]
+        assert [process.poll() for process in processes] == [-15, -15]
+        assert fleet.processes == {}
+        assert not workdir.exists()
+
+
+class TestRedisOnASocket:
+    def test_a_path_too_long_for_a_socket_is_refused_by_its_length(
+        self, tmp_path: Path
+    ) -> None:
+        """A socket path past what an address holds is named, with its
+        length, before any server starts."""
+        path = tmp_path / ("s" * 120)
+
+        server = redis_server(unix_socket=path)
+
+        with pytest.raises(FleetError, match=r"is \d+ bytes, over the 107"):
+            server.__enter__()
+
+    def test_a_server_that_does_not_start_says_why(self, tmp_path: Path) -> None:
+        """The server's own reason comes with the error."""
+        path = tmp_path / "missing" / "redis.sock"
+
+        server = redis_server(unix_socket=path)
+
+        with pytest.raises(FleetError, match="Failed opening Unix socket"):
+            server.__enter__()
