@@ -51,6 +51,9 @@ from shared.models import EndCause, Outcome
 from shared.telemetry import shared_metrics
 
 StreamEntry = tuple[bytes, dict[bytes, bytes]]
+# What a prepared command starts with: no bool or float, which its
+# channel's cache would take for the int it equals.
+Word = str | bytes | int
 
 # A blocking read is cut into slices this much shorter than the client's
 # socket timeout, so the reply always lands before the socket gives up.
@@ -185,7 +188,7 @@ class Channel:
         )
         self._timeout_s = timeout_s
         self._used_at_s = 0.0
-        self._prepared: dict[tuple[EncodableT, ...], Prepared] = {}
+        self._prepared: dict[tuple[Word, ...], Prepared] = {}
         # The command in flight: when it was sent, and the task awaiting it.
         self._sent_at: float | None = None
         self._waiting: asyncio.Task[Any] | None = None
@@ -200,9 +203,11 @@ class Channel:
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
     ) -> Any:
         """Run a registered script, loading it first if Redis lost it."""
-        return await self.prepare_script(script, keys)(*args)
+        # Not kept: a caller may run a script here for many keys.
+        words: tuple[Word, ...] = ("EVALSHA", script.sha, len(keys), *keys)
+        return await Prepared(self, words, script)(*args)
 
-    def prepare(self, *leading: EncodableT) -> Prepared:
+    def prepare(self, *leading: Word) -> Prepared:
         """The command that starts with ``leading``, packed once for this
         channel: a loop that sends it per message packs only what follows."""
         prepared = self._prepared.get(leading)
@@ -211,7 +216,7 @@ class Channel:
         return prepared
 
     def prepare_script(
-        self, script: AsyncScript, keys: Sequence[str], *leading: EncodableT
+        self, script: AsyncScript, keys: Sequence[str], *leading: Word
     ) -> Prepared:
         """As ``prepare``, for a registered script with ``keys`` and its
         first arguments ``leading``; it is loaded again if Redis lost it."""
@@ -289,9 +294,12 @@ class Prepared:
     def __init__(
         self,
         channel: Channel,
-        leading: Sequence[EncodableT],
+        leading: Sequence[Word],
         script: AsyncScript | None = None,
     ) -> None:
+        if any(isinstance(word, bool | float) for word in leading):
+            # The channel's cache would take True for 1 and 1.0 for 1.
+            raise TypeError("a prepared command's first words are str, bytes or int")
         self._channel = channel
         self._name = leading[0]
         self._count = len(leading)
@@ -749,7 +757,7 @@ class SessionStore:
         """
         k = self.keys
         keys = [k.session(session_id), k.stdin(session_id)]
-        common: list[EncodableT] = [max_pending_bytes, RETENTION_MS, writer, field]
+        common: list[Word] = [max_pending_bytes, RETENTION_MS, writer, field]
         if via is None:
             args = [*common, seq, value]
             return int(await self._stdin(keys=keys, args=args))

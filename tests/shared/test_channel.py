@@ -147,6 +147,53 @@ class TestChannel:
             await channel.close()
 
 
+class TestPrepared:
+    """Commands a relay loop sends again and again, packed once."""
+
+    async def test_a_prepared_script_answers_as_the_script_does(
+        self, client: Redis
+    ) -> None:
+        """A prepared call sends its first words and then the call's own."""
+        script = client.register_script(ECHO)
+        channel = Channel(client, timeout_s=1)
+        try:
+            call = channel.prepare_script(script, ["k"])
+            replies = [await call(b"one"), await call("two")]
+            same = channel.prepare_script(script, ["k"]) is call
+        finally:
+            await channel.close()
+
+        assert replies == [[b"k", b"one"], [b"k", b"two"]]
+        assert same
+
+    async def test_a_script_run_for_many_keys_is_not_kept(self, client: Redis) -> None:
+        """Only what a loop prepares is kept: a channel that runs one script
+        for a thousand keys holds none of those calls."""
+        script = client.register_script(ECHO)
+        channel = Channel(client, timeout_s=1)
+        try:
+            for n in range(1000):
+                assert await channel.script(script, [f"k{n}"], ["v"]) == [
+                    f"k{n}".encode(),
+                    b"v",
+                ]
+            kept = len(channel._prepared)
+        finally:
+            await channel.close()
+
+        assert kept == 0
+
+    @pytest.mark.parametrize("word", [1.0, True])
+    def test_a_word_the_cache_would_confuse_is_refused(
+        self, client: Redis, word: float
+    ) -> None:
+        """1.0 and True equal 1 as keys; a prepared command refuses them."""
+        channel = Channel(client, timeout_s=1)
+
+        with pytest.raises(TypeError, match="str, bytes or int"):
+            channel.prepare("ECHO", word)
+
+
 class TestPack:
     """The relay's own encoding of a command, against Redis' reading of it."""
 
