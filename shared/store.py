@@ -19,7 +19,12 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import (
+    AbstractConnection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -71,7 +76,7 @@ CHANNEL_IDLE_CHECK_S = 1.0
 _POOL_CONNECTIONS = 512
 
 
-class BoundedConnection(Connection):
+class _BoundedSetUp(AbstractConnection):
     """A connection whose whole set-up, handshake replies included, ends
     within its ``socket_connect_timeout``.
 
@@ -91,7 +96,29 @@ class BoundedConnection(Connection):
             # Cut off mid-handshake: replies may still be on their way, so
             # the socket must never carry a command.
             await self.disconnect(nowait=True)
-            raise RedisTimeoutError(f"Timeout connecting to {self.host}") from exc
+            raise RedisTimeoutError(
+                f"Timeout connecting to {self._host_error()}"
+            ) from exc
+
+
+class BoundedConnection(_BoundedSetUp, Connection):
+    """A TCP connection with its set-up bounded."""
+
+
+class BoundedUnixConnection(_BoundedSetUp, UnixDomainSocketConnection):
+    """A unix socket connection with its set-up bounded."""
+
+
+class BoundedSSLConnection(_BoundedSetUp, SSLConnection):
+    """A TLS connection with its set-up bounded."""
+
+
+# Each kind of connection a Redis URL names, and its bounded variant.
+_BOUNDED: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: BoundedConnection,
+    UnixDomainSocketConnection: BoundedUnixConnection,
+    SSLConnection: BoundedSSLConnection,
+}
 
 
 def command_client(
@@ -106,17 +133,19 @@ def command_client(
     connection's set-up sends no command it would wait for unless the URL
     asks for a password or a database.
     """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=_POOL_CONNECTIONS,
-        timeout=pool_wait_s,
-        connection_class=BoundedConnection,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=connect_timeout_s,
-        lib_name=None,
-        lib_version=None,
-    )
-    client = ArqRedis(pool)
+    options: dict[str, Any] = {
+        "max_connections": _POOL_CONNECTIONS,
+        "timeout": pool_wait_s,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": connect_timeout_s,
+        "lib_name": None,
+        "lib_version": None,
+    }
+    # The URL's own options win, as in redis-py's from_url; the kind of
+    # connection it names (TCP, unix socket, TLS) is kept, bounded.
+    options.update(parse_url(url))
+    options["connection_class"] = _BOUNDED[options.get("connection_class", Connection)]
+    client = ArqRedis(BlockingConnectionPool(**options))
     # The client owns the pool it was given, and closes it with itself.
     client.auto_close_connection_pool = True
     return client
