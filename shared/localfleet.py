@@ -7,6 +7,7 @@ settings file, so that every hop is the production path.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import secrets
@@ -42,6 +43,18 @@ STOP_WAIT_S = 30
 
 # The longest path a unix socket's address holds on Linux, less its NUL.
 _UNIX_PATH_MAX = 107
+_PR_SET_PDEATHSIG = 1
+# Loaded here, not in the forked child, where loading could take a lock
+# another thread of the parent held at the fork.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _terminated_with_parent() -> None:
+    """In a fleet's child before it runs: have Linux send it SIGTERM when
+    the process that started it dies, so that a test run or benchmark
+    killed outright leaves no scheduler, worker or Redis running. A worker
+    so stopped drains and removes its sandboxes, as on any SIGTERM."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -105,6 +118,7 @@ class LocalFleet:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
+                preexec_fn=_terminated_with_parent,
             )
         self.processes[name] = process
         self.commands[name] = args[0]
@@ -182,6 +196,7 @@ def redis_process(
             [binary, *listen, "--save", "", "--appendonly", "no"],
             stdout=output,
             stderr=subprocess.STDOUT,
+            preexec_fn=_terminated_with_parent,
         )
         try:
             try:

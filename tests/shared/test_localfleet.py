@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,43 @@ class TestRedisOnASocket:
 
         with pytest.raises(FleetError, match="Failed opening Unix socket"):
             server.__enter__()
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs: neither gone nor a zombie left unreaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class TestKilledParent:
+    def test_a_parent_killed_outright_takes_its_redis_with_it(self) -> None:
+        """SIGKILL to the process that started a local Redis, which runs no
+        clean-up of its own, still ends the server."""
+        parent = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time\n"
+                "from shared.localfleet import redis_process\n"
+                "with redis_process() as (url, redis):\n"
+                "    print(redis.pid, flush=True)\n"
+                "    time.sleep(600)\n",
+            ],
+            stdout=subprocess.PIPE,
+            cwd=Path(localfleet.__file__).parent.parent,
+        )
+        assert parent.stdout is not None
+        with parent.stdout:
+            redis_pid = int(parent.stdout.readline())
+        assert _running(redis_pid)
+
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _running(redis_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        assert not _running(redis_pid)
