@@ -299,6 +299,7 @@ async def _beat_forever(
 
 
 async def _stop(ctx: dict[str, Any]) -> None:
+    ctx["stopped"] = True
     if "runner" in ctx:
         # Sessions cancelled by the drain are still recording their end and
         # removing their containers; Docker and Redis must outlive that.
@@ -336,9 +337,15 @@ def run_worker(settings: FleetSettings) -> None:
     ownership = loop.run_until_complete(_take_node(settings))
     if settings.worker.metrics_port:
         start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
+    worker = build_worker(settings, ownership)
     try:
-        build_worker(settings, ownership).run()
+        worker.run()
     finally:
+        # arq's close reaches its shutdown hook only after a Redis call of
+        # its own; with Redis gone that call raises first, and the node's
+        # spares, pools and proxy would outlive the worker.
+        if "stopped" not in worker.ctx:
+            loop.run_until_complete(_stop(worker.ctx))
         # After arq's shutdown: the last sessions' removal spans are ended.
         shutdown_tracing()
 

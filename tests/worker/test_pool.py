@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 
 from scheduler.client import End, FleetClient
 from shared.keys import Keys
-from shared.localfleet import LocalFleet, local_fleet
+from shared.localfleet import LocalFleet, local_fleet, redis_process
 from shared.wire import Output
 from tests.sandboxes import busybox_profile
 
@@ -191,3 +192,50 @@ class TestWarmPool:
         assert state["ready"] == 0
         assert output == b"cold and fine\n"
         assert await session_field(pooled, created["id"], "start") == "cold"
+
+
+def node_containers(node: str) -> list[str]:
+    """Every container, running or not, labelled as ``node``'s."""
+    listed = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=io.acp-fleet.node={node}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return listed.stdout.split()
+
+
+def mounts_under(folder: Path) -> list[str]:
+    """The mount points below ``folder``."""
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts]
+    return [point for point in points if point.startswith(f"{folder}/")]
+
+
+class TestStoppedWithoutRedis:
+    async def test_a_worker_stopped_while_redis_is_gone_removes_its_spares(
+        self, docker_images: None
+    ) -> None:
+        """SIGTERM to a worker whose Redis has died still closes its pool:
+        no member and no spare workspace mount outlives it."""
+        echo = busybox_profile("cat")
+        with (
+            redis_process() as (url, redis),
+            local_fleet(
+                {"echo": {**echo, "pool": {"size": 2, "max_age_s": 600}}},
+                redis_url=url,
+                worker={"heartbeat_ms": 500},
+            ) as fleet,
+        ):
+            node = fleet.settings.worker.node
+            await wait_pool(fleet, "echo", 2)
+            members = node_containers(node)
+            redis.kill()
+            redis.wait()
+            fleet.stop("worker")
+            left = node_containers(node)
+            mounted = mounts_under(fleet.workdir)
+
+        assert len(members) == 2
+        assert left == []
+        assert mounted == []
