@@ -176,20 +176,23 @@ def redis_process(
             "redis-server is not installed; install it (Debian: apt-get install "
             "redis-server) or set ACP_FLEET_REDIS_URL to a running Redis."
         )
+    address: int | Path
     if unix_socket is None:
-        port = port or free_port()
-        listen = ["--port", str(port), "--bind", "127.0.0.1"]
-        url = f"redis://127.0.0.1:{port}/0"
+        address = port or free_port()
+        listen = ["--port", str(address), "--bind", "127.0.0.1"]
+        url = f"redis://127.0.0.1:{address}/0"
     else:
-        if len(os.fsencode(unix_socket)) > _UNIX_PATH_MAX:
+        path_bytes = len(os.fsencode(unix_socket))
+        if path_bytes > _UNIX_PATH_MAX:
             raise FleetError(
-                f"the unix socket path {unix_socket} is "
-                f"{len(os.fsencode(unix_socket))} bytes, over the {_UNIX_PATH_MAX} "
-                "a socket's address holds; choose a shorter folder (TMPDIR)"
+                f"the unix socket path {unix_socket} is {path_bytes} bytes, over "
+                f"the {_UNIX_PATH_MAX} a socket's address holds; choose a "
+                "shorter folder (TMPDIR)"
             )
         listen = ["--port", "0", "--unixsocket", str(unix_socket)]
         listen += ["--unixsocketperm", "700"]
         url = f"unix://{unix_socket}"
+        address = unix_socket
     # Its log is kept to tell why it stopped, should it not start.
     with tempfile.TemporaryFile() as output:
         process = subprocess.Popen(
@@ -200,10 +203,7 @@ def redis_process(
         )
         try:
             try:
-                if unix_socket is None:
-                    wait_for_port(port or 0, process, "redis-server")
-                else:
-                    wait_for_unix_socket(unix_socket, process, "redis-server")
+                wait_listening(address, process, "redis-server")
             except FleetError as exc:
                 output.seek(0)
                 said = output.read()[-2000:].decode(errors="replace")
@@ -267,7 +267,7 @@ def local_fleet(
         )
         try:
             scheduler_process = fleet.start("scheduler", "scheduler")
-            wait_for_port(port, scheduler_process, "scheduler", log=fleet)
+            wait_listening(port, scheduler_process, "scheduler", log=fleet)
             if start_worker:
                 fleet.start("worker", "worker")
                 wait_for_worker(fleet)
@@ -336,38 +336,34 @@ def _maybe_redis(redis_url: str | None) -> Iterator[str]:
         yield started
 
 
-def wait_for_unix_socket(
-    path: Path, process: subprocess.Popen[bytes], name: str, *, timeout_s: float = 30
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise FleetError(f"{name} exited with {process.returncode}")
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(str(path))
-                return
-            except OSError:
-                time.sleep(0.05)
-    raise FleetError(f"{name} did not listen on {path} within {timeout_s} s")
-
-
-def wait_for_port(
-    port: int,
+def wait_listening(
+    address: int | Path,
     process: subprocess.Popen[bytes],
     name: str,
     *,
     log: LocalFleet | None = None,
     timeout_s: float = 30,
 ) -> None:
+    """Wait until ``process`` takes connections on ``address``: a port on
+    loopback, or a unix socket's path."""
+    where = f"port {address}" if isinstance(address, int) else str(address)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log.log(name)[-4000:] if log else ""
             raise FleetError(f"{name} exited with {process.returncode}\n{tail}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+            _probe(address)
+            return
         except OSError:
             time.sleep(0.05)
-    raise FleetError(f"{name} did not listen on port {port} within {timeout_s} s")
+    raise FleetError(f"{name} did not listen on {where} within {timeout_s} s")
+
+
+def _probe(address: int | Path) -> None:
+    """Connect to ``address`` once and hang up; raise OSError if refused."""
+    if isinstance(address, int):
+        socket.create_connection(("127.0.0.1", address), timeout=0.2).close()
+        return
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(address))

@@ -219,7 +219,7 @@ class Channel:
         self._used_at_s = 0.0
         self._prepared: dict[tuple[Word, ...], Prepared] = {}
         # The command in flight: when it was sent, and the task awaiting it.
-        self._sent_at: float | None = None
+        self._sent_at_s: float | None = None
         self._waiting: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
@@ -263,7 +263,7 @@ class Channel:
             await self._drop_if_closed()
         self._used_at_s = now
         if self._timeout_s is not None:
-            self._sent_at, self._waiting = now, asyncio.current_task()
+            self._sent_at_s, self._waiting = now, asyncio.current_task()
             if self._timer is None:
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(self._timeout_s, self._look)
@@ -282,7 +282,7 @@ class Channel:
             await connection.disconnect(nowait=True)
             raise
         finally:
-            self._sent_at = self._waiting = None
+            self._sent_at_s = self._waiting = None
             self._expired = False
 
     def _look(self) -> None:
@@ -290,9 +290,9 @@ class Channel:
         one in flight would be. With none in flight the timer stops, and
         the next command starts it again."""
         self._timer = None
-        if self._sent_at is None or self._waiting is None or self._timeout_s is None:
+        if self._sent_at_s is None or self._waiting is None or self._timeout_s is None:
             return
-        left_s = self._sent_at + self._timeout_s - time.monotonic()
+        left_s = self._sent_at_s + self._timeout_s - time.monotonic()
         if left_s <= 0:
             self._expired = True
             self._waiting.cancel()

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scheduler.client import End, FleetClient
+from scheduler.client import FleetClient
 from shared.demo import drive_acp
 from shared.localfleet import LocalFleet, local_fleet, redis_server
-from shared.wire import Output
-from tests.sandboxes import PROFILES
+from tests.sandboxes import PROFILES, run_session
 
 
 class TestAcpThroughTheFleet:
@@ -62,20 +61,8 @@ class TestRedisOnAUnixSocket:
                 orgs={"acme": {"max_sessions": 4, "sessions_per_minute": 1000}},
             ) as fleet,
         ):
-            async with FleetClient(fleet.url, fleet.api_keys["acme"]) as client:
-                created = await client.create_session("cat-exit")
-                stdout, end = b"", None
-                async with client.stdio(created["id"]) as stdio:
-                    await stdio.send(b"over the socket\n")
-                    await stdio.send_eof()
-                    async for event in stdio.events():
-                        if isinstance(event, Output):
-                            stdout += event.data
-                        elif isinstance(event, End):
-                            end = event
-                            break
+            ran = await run_session(fleet, "cat-exit", stdin=b"over the socket\n")
 
         assert url == f"unix://{tmp_path / 'redis.sock'}"
-        assert stdout == b"over the socket\ndone\n"
-        assert end is not None
-        assert end.exit_code == 7
+        assert ran.stdout == b"over the socket\ndone\n"
+        assert ran.end["exit_code"] == 7

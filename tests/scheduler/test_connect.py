@@ -16,7 +16,7 @@ import pytest
 
 from scheduler.client import FleetClient
 from scheduler.connect import RECONNECT_MAX_S, Backoff, StdinBuffer
-from shared.localfleet import REPO, LocalFleet, free_port, wait_for_port
+from shared.localfleet import REPO, LocalFleet, free_port, wait_listening
 from tests.cli import cli
 
 
@@ -89,7 +89,7 @@ class Replica:
 
     def start(self) -> None:
         process = self.fleet.start(self.name, "scheduler", "--port", str(self.port))
-        wait_for_port(self.port, process, self.name)
+        wait_listening(self.port, process, self.name)
 
     def kill(self) -> None:
         self.fleet.stop(self.name, kill=True)

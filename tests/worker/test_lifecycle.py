@@ -22,8 +22,8 @@ from shared.localfleet import (
     LocalFleet,
     free_port,
     local_fleet,
-    wait_for_port,
     wait_for_worker,
+    wait_listening,
 )
 from shared.wire import Output
 from tests.sandboxes import busybox_profile
@@ -327,7 +327,7 @@ class TestResume:
         scheduler replicas and resuming from the cursor, arrive once each."""
         port = free_port()
         second = short_fleet.start("scheduler-2", "scheduler", "--port", str(port))
-        await asyncio.to_thread(wait_for_port, port, second, "scheduler-2")
+        await asyncio.to_thread(wait_listening, port, second, "scheduler-2")
         replicas = [short_fleet.url, f"http://127.0.0.1:{port}"]
         async with FleetClient(short_fleet.url, short_fleet.api_key) as backend:
             created = await backend.create_session("lines")
