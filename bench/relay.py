@@ -44,6 +44,14 @@ BLOCKS = 10
 # Sends LINE along one path and waits until it is back.
 Trip = Callable[[], Awaitable[None]]
 
+# How this machine's idle CPUs wait. On a KVM guest with the haltpoll
+# driver, an idle vCPU polls for up to guest_halt_poll_ns before it halts,
+# and waking a halted one costs each hand-off between processes an exit to
+# the host: the fleet's path has about twice the direct attach's hand-offs.
+CPUIDLE_DRIVER = Path("/sys/devices/system/cpu/cpuidle/current_driver")
+HALT_POLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+KERNEL_HALT_POLL_NS = 200_000
+
 
 def flood(size: int) -> str:
     """ACP-like output: ``size`` bytes in 200-byte lines."""
@@ -216,6 +224,24 @@ async def measure(fleet: Any, n: int, size: int) -> list[str]:
     ]
 
 
+def cpu_idle() -> str:
+    """The machine's CPU idle settings, which move every round trip."""
+    try:
+        driver = CPUIDLE_DRIVER.read_text().strip()
+    except OSError:
+        return "CPU idle: no cpuidle driver found"
+    if driver != "haltpoll":
+        return f"CPU idle: driver {driver}"
+    try:
+        poll_us = int(HALT_POLL_NS.read_text()) / 1000
+    except (OSError, ValueError):
+        return "CPU idle: haltpoll, its polling time unreadable"
+    return (
+        f"CPU idle: haltpoll, a vCPU polls {poll_us:g} µs before it halts"
+        f" (the kernel's default is {KERNEL_HALT_POLL_NS / 1000:g} µs)"
+    )
+
+
 def positive(text: str) -> int:
     """An argparse type: a whole number from 1."""
     if not (text.isascii() and text.isdecimal()) or int(text) < 1:
@@ -257,7 +283,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
     redis = "loopback TCP" if args.redis_tcp else "a unix socket"
-    print(f"\nrelay, Redis on {redis}")
+    print(f"\nrelay, Redis on {redis}\n{cpu_idle()}")
     print(f"{'':<40}{'direct':>13}{'floor':>13}{'fleet':>13}")
     print("\n".join(rows))
 
