@@ -2,13 +2,16 @@
 
 Prometheus reads gauges synchronously, during a scrape, where Redis cannot
 be awaited: a task reads the nodes' heartbeats instead, as often as the
-workers send them, and the gauge reports what it read last.
+workers send them, and the gauge reports each node's age since the last
+beat it read. While Redis cannot be read the ages go on growing, as they
+do in Redis itself, where no worker can beat either.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 from redis.exceptions import RedisError
@@ -20,22 +23,31 @@ log = structlog.get_logger("scheduler.heartbeats")
 
 
 class HeartbeatAges:
-    """The last heartbeat age of every listed node, in seconds."""
+    """How long ago every listed node last beat, in seconds."""
 
-    def __init__(self) -> None:
-        self.ages_s: dict[str, float] = {}
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # Each node's last beat, on this process' clock.
+        self._beats: dict[str, float] = {}
 
     async def refresh(self, store: SessionStore) -> None:
         """Read every node's last heartbeat against Redis' clock."""
         now_ms = await store.now_ms()
-        self.ages_s = {
-            record["node"]: (now_ms - int(record["heartbeat_ms"])) / 1000
-            for record in await store.nodes()
+        nodes = await store.nodes()
+        read_at = self._clock()
+        self._beats = {
+            record["node"]: read_at - (now_ms - int(record["heartbeat_ms"])) / 1000
+            for record in nodes
         }
+
+    def ages_s(self) -> dict[str, float]:
+        """Each node's age since its last beat read, now."""
+        now = self._clock()
+        return {node: now - beat for node, beat in self._beats.items()}
 
     def reading(self) -> Iterable[tuple[float, Mapping[str, str]]]:
         """The gauge's observations: one age per node."""
-        return [(age_s, {"node": node}) for node, age_s in self.ages_s.items()]
+        return [(age_s, {"node": node}) for node, age_s in self.ages_s().items()]
 
 
 async def watch_forever(
@@ -47,8 +59,8 @@ async def watch_forever(
         try:
             await ages.refresh(store)
         except RedisError as exc:
-            # The ages read last stay: they only grow stale, never wrong
-            # by more than the outage, and the log says why.
+            # The beats read last stay, their ages growing, and the log
+            # says why.
             streak.failed(exc)
         else:
             streak.succeeded()
