@@ -13,7 +13,7 @@ import os
 import sys
 import termios
 import tty
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -284,7 +284,8 @@ async def watch(
     sessions_limit: int,
     console: Console,
 ) -> None:
-    """Refresh the view in place every ``interval_s`` until ``q`` or Ctrl-C.
+    """Refresh the view in place every ``interval_s`` until ``q`` or Ctrl-C;
+    on a console that is not a terminal, print each new frame after the last.
 
     The first read's errors reach the caller, so a wrong URL or key stops
     at once; a later failure to reach the scheduler (or a 5xx from it) is
@@ -297,13 +298,22 @@ async def watch(
     view: Snapshot = await client.fleet(sessions_limit=sessions_limit)
     # Keys are read from before the first frame, so a q typed as soon as
     # the view shows is not lost in the switch of terminal modes.
-    with (
-        _quit_key() as quit_pressed,
-        Live(render(view), console=console, auto_refresh=False) as live,
-    ):
-        while not await _wait(quit_pressed, interval_s):
-            view, notice = await _refresh(client, view, sessions_limit)
-            live.update(render(view, notice=notice), refresh=True)
+    with _quit_key() as quit_pressed:
+
+        async def refresh_until_quit(show: Callable[[RenderableType], object]) -> None:
+            last = view
+            while not await _wait(quit_pressed, interval_s):
+                last, notice = await _refresh(client, last, sessions_limit)
+                show(render(last, notice=notice))
+
+        if console.is_terminal:
+            with Live(render(view), console=console, auto_refresh=False) as live:
+                await refresh_until_quit(lambda frame: live.update(frame, refresh=True))
+        else:
+            # A pipe or a file cannot be redrawn: each frame follows the
+            # last, printed as it is read.
+            console.print(render(view))
+            await refresh_until_quit(console.print)
 
 
 async def _refresh(

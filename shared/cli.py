@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout left (``| head``): end quietly, with the
+        # status rich's console gives the same case, and keep Python's
+        # flush at exit from failing on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return status
 
 
@@ -172,7 +179,8 @@ def _add_top_command(commands: Any) -> None:
         "asked for) and for each warm pool (ready of target, with member "
         "ages); the running sessions, oldest first, with org, profile, node "
         "and age; the queue's depth and oldest wait. Press q or Ctrl-C to "
-        "quit. --once prints one frame and exits (for scripts and pipes). "
+        "quit. Into a pipe or a file, each frame is printed after the last. "
+        "--once prints one frame and exits (for scripts). "
         "Needs an operator key in ACP_FLEET_OPERATOR_KEY.",
     )
     _url_option(top)
@@ -199,7 +207,7 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(
             f"expected a positive number of seconds, such as 0.5 or 2, not {text!r}"
         )

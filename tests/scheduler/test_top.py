@@ -288,9 +288,11 @@ class StubClient:
 
 
 class TestWatch:
-    async def watch(self, client: StubClient) -> str:
+    async def watch(self, client: StubClient, *, terminal: bool = True) -> str:
         out = io.StringIO()
-        console = Console(file=out, width=100, color_system=None)
+        console = Console(
+            file=out, width=100, color_system=None, force_terminal=terminal
+        )
         with pytest.raises(Stop):
             await watch(
                 client,  # type: ignore[arg-type]
@@ -341,6 +343,26 @@ class TestWatch:
 
         assert "node-b" in text
         assert "cannot reach" not in text
+
+    async def test_off_a_terminal_each_frame_follows_the_last(self) -> None:
+        """Into a pipe or a file every frame is printed whole, in the order
+        read, with no cursor movement."""
+        client = StubClient(
+            snapshot(node("node-a")),
+            snapshot(node("node-b")),
+            httpx.ConnectError("connection refused"),
+            Stop(),
+        )
+
+        text = await self.watch(client, terminal=False)
+
+        assert text.count("queue: empty") == 3
+        first, second, third = (
+            text.index(needle)
+            for needle in ("node-a", "node-b", "cannot reach http://fleet.test")
+        )
+        assert first < second < third
+        assert "\x1b" not in text
 
 
 # The top tests' own fleet: a pool to watch fill, sessions that wait, and
@@ -500,6 +522,43 @@ class TestTopCommand:
         assert b"Traceback" not in err
         assert watched.settings.worker.node.encode() in out
 
+    def test_into_a_pipe_frames_stream_until_the_reader_leaves(
+        self, watched: LocalFleet
+    ) -> None:
+        """Piped, the view prints frame after frame at once, and ends quietly
+        with status 1 when the reader closes the pipe, as ``| head`` does."""
+        args = ["top", "--interval-s", "0.2", "--url", watched.url]
+        live = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=operator_env(watched),
+            cwd=REPO,
+        )
+        assert live.stdout is not None
+        assert live.stderr is not None
+        try:
+            shown = b""
+            deadline = time.monotonic() + 20
+            while shown.count(b"queue:") < 3:
+                assert time.monotonic() < deadline, f"not three frames: {shown!r}"
+                readable, _, _ = select.select([live.stdout], [], [], 0.1)
+                if readable:
+                    chunk = os.read(live.stdout.fileno(), 65536)
+                    assert chunk, "the view ended before three frames"
+                    shown += chunk
+            live.stdout.close()
+            status = live.wait(timeout=10)
+        finally:
+            live.kill()
+        err = live.stderr.read()
+        live.stderr.close()
+
+        assert watched.settings.worker.node.encode() in shown
+        assert status == 1, err
+        assert err == b""
+
     def test_q_on_a_terminal_quits_and_restores_it(self, watched: LocalFleet) -> None:
         """On a terminal, q ends the view with 0 and echo is back afterwards."""
         controller, terminal = pty.openpty()
@@ -579,7 +638,7 @@ class TestTopCommandAlone:
         assert "Press q or Ctrl-C to quit" in text
         assert "ACP_FLEET_OPERATOR_KEY" in text
 
-    @pytest.mark.parametrize("interval", ["0", "-1", "soon"])
+    @pytest.mark.parametrize("interval", ["0", "-1", "soon", "nan", "inf"])
     def test_an_interval_that_is_not_positive_is_refused(self, interval: str) -> None:
         """--interval-s takes positive seconds and says so."""
         env = {**os.environ, "ACP_FLEET_OPERATOR_KEY": "afo_x"}

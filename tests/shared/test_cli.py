@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.localfleet import LocalFleet, local_fleet
+from shared.localfleet import REPO, LocalFleet, local_fleet
 from shared.store import SessionStore
 from tests.cli import cli
 from tests.sandboxes import PROFILES
@@ -164,3 +166,29 @@ class TestDrainCommand:
         assert lines[0].startswith("node")
         assert lines[1].startswith("n1")
         assert lines[-1].startswith("queue: 0 waiting")
+
+    def test_nodes_into_a_closed_pipe_ends_quietly(
+        self, scheduler_alone: LocalFleet
+    ) -> None:
+        """A reader that left before the table (``| true``) ends the command
+        with status 1 and nothing on stderr, not a traceback."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
+        url = scheduler_alone.url
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            ran = subprocess.run(
+                [sys.executable, "-m", "shared.cli", "nodes", "--url", url],
+                stdin=subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=REPO,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            os.close(write_end)
+
+        assert ran.returncode == 1
+        assert ran.stderr == b""
