@@ -18,6 +18,7 @@ import statistics
 import time
 
 import aiohttp
+from arguments import seconds
 
 from shared.localfleet import LocalFleet, local_fleet
 
@@ -105,7 +106,12 @@ async def measure(fleet: LocalFleet, seconds: float) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument(
+        "--seconds",
+        type=seconds(600),
+        default=10,
+        help="how long each load runs (default: 10)",
+    )
     args = parser.parse_args()
     with local_fleet(
         {"p": PROFILE},

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from arguments import whole
 from floor import floor_path
 
 from scheduler.client import ApiError, End, FleetClient
@@ -242,13 +243,6 @@ def cpu_idle() -> str:
     )
 
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number from 1."""
-    if not (text.isascii() and text.isdecimal()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
-    return int(text)
-
-
 async def until_terminated(work: Coroutine[Any, Any, list[str]]) -> list[str]:
     """Run ``work``, cancelling it on SIGTERM as on Ctrl-C, so that what it
     started is removed either way."""
@@ -266,8 +260,15 @@ def terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--round-trips", type=positive, default=500)
-    parser.add_argument("--mib", type=positive, default=64)
+    parser.add_argument(
+        "--round-trips",
+        type=whole(BLOCKS, 1_000_000),
+        default=500,
+        help=f"round trips on each path, taken in {BLOCKS} turns (default: 500)",
+    )
+    parser.add_argument(
+        "--mib", type=whole(1, 4096), default=64, help="MiB of output (default: 64)"
+    )
     parser.add_argument(
         "--redis-tcp",
         action="store_true",

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+from arguments import whole
 from redis.asyncio import Redis
 
 from scheduler.client import End, FleetClient
@@ -199,8 +200,19 @@ def size_pool(sessions: int, burst_size: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sessions", type=int, default=50)
-    parser.add_argument("--burst", type=int, default=32)
+    # The fleet below admits 200 sessions at once and runs 64.
+    parser.add_argument(
+        "--sessions",
+        type=whole(1, 200),
+        default=50,
+        help="sessions started one at a time, cold and warm (default: 50)",
+    )
+    parser.add_argument(
+        "--burst",
+        type=whole(1, 64),
+        default=32,
+        help="sessions started at once (default: 32)",
+    )
     args = parser.parse_args()
     pool_size = size_pool(args.sessions, args.burst)
     print(f"starting a fleet with a warm pool of {pool_size} ...", flush=True)
