@@ -20,7 +20,6 @@ import contextlib
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -31,11 +30,17 @@ from arguments import whole
 from floor import floor_path
 
 from scheduler.client import ApiError, End, FleetClient
-from shared.localfleet import local_fleet, redis_server
+from shared.localfleet import local_fleet, redis_server, scratch_folder
 from shared.settings import load_settings
 from shared.wire import STDOUT, Output
 from worker import frames
-from worker.docker import DockerRuntime, SandboxSpec, container_config, seccomp_profile
+from worker.docker import (
+    DockerRuntime,
+    SandboxError,
+    SandboxSpec,
+    container_config,
+    seccomp_profile,
+)
 from worker.frames import FrameDecoder
 
 IMAGE = "acp-fleet/busybox:test"
@@ -81,14 +86,26 @@ async def direct(
     runtime: DockerRuntime, spec: SandboxSpec, script: str
 ) -> tuple[Any, str]:
     config = sandbox_config(spec, script)
+    # Docker removes the container once it exits, so that a benchmark
+    # killed outright leaves none: its attach closes, and so stdin.
+    config["HostConfig"] = {**config["HostConfig"], "AutoRemove": True}
     container_id = await runtime.create(config, name=f"bench-relay-{time.time_ns()}")
     try:
         stdio = await runtime.attach(container_id)
         await runtime.start(container_id)
     except BaseException:
-        await runtime.remove(container_id)
+        await discard(runtime, container_id)
         raise
     return stdio, container_id
+
+
+async def discard(runtime: DockerRuntime, container_id: str) -> None:
+    """Remove a direct container, which Docker may be removing already."""
+    try:
+        await runtime.remove(container_id)
+    except SandboxError as exc:
+        if exc.status != 409:
+            raise
 
 
 @contextlib.asynccontextmanager
@@ -107,7 +124,7 @@ async def direct_path(runtime: DockerRuntime, spec: SandboxSpec) -> AsyncIterato
         yield round_trip
     finally:
         stdio.abort()
-        await runtime.remove(container_id)
+        await discard(runtime, container_id)
 
 
 async def direct_throughput(
@@ -124,7 +141,7 @@ async def direct_throughput(
                     got += len(data)
     finally:
         stdio.abort()
-        await runtime.remove(container_id)
+        await discard(runtime, container_id)
     assert got == size, f"read {got} of {size} bytes of stdout"
     assert started is not None
     return size / (time.perf_counter() - started)
@@ -303,8 +320,8 @@ def run(profiles: dict[str, Any], n: int, size: int, *, tcp: bool) -> list[str]:
         if tcp:
             url = stack.enter_context(redis_server())
         else:
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-"))
-            url = stack.enter_context(redis_server(unix_socket=Path(folder) / "sock"))
+            folder = stack.enter_context(scratch_folder())
+            url = stack.enter_context(redis_server(unix_socket=folder / "sock"))
         fleet = stack.enter_context(
             local_fleet(
                 profiles,

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -229,7 +230,7 @@ def local_fleet(
 ) -> Iterator[LocalFleet]:
     """Start a scheduler and a worker (and Redis, unless given); yield handles."""
     with _maybe_redis(redis_url) as url:
-        workdir = Path(tempfile.mkdtemp(prefix="acp-fleet-"))
+        workdir = new_folder()
         orgs = orgs or {"demo": {"max_sessions": 8, "sessions_per_minute": 600}}
         api_keys = {org: "afk_" + secrets.token_urlsafe(24) for org in orgs}
         operator_key = "afo_" + secrets.token_urlsafe(24)
@@ -299,6 +300,60 @@ def _clean_up(fleet: LocalFleet) -> None:
                 held = held or exc
     if held is not None:
         raise held
+
+
+# A local fleet's folder holds its secrets, its logs and its workspaces.
+# Each is named for the process that made it, so that one killed outright
+# leaves a folder the next local fleet can tell abandoned and remove.
+_FOLDER_PREFIX = "acp-fleet-"
+
+
+def new_folder() -> Path:
+    """A private folder of this process', for a local fleet or its Redis;
+    first remove those of processes that are gone."""
+    remove_abandoned_folders(Path(tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-"))
+
+
+@contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A new private folder, removed on the way out."""
+    folder = new_folder()
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_abandoned_folders(root: Path) -> list[Path]:
+    """Remove this user's local-fleet folders under ``root`` whose process
+    no longer runs; return them."""
+    removed = []
+    for folder in root.glob(f"{_FOLDER_PREFIX}*-*"):
+        pid = folder.name.removeprefix(_FOLDER_PREFIX).partition("-")[0]
+        if not pid.isdecimal() or _running(int(pid)):
+            continue
+        try:
+            found = folder.lstat()
+        except FileNotFoundError:
+            continue
+        if found.st_uid != os.getuid() or not stat.S_ISDIR(found.st_mode):
+            continue
+        _unmount_under(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # Another user's process.
+        return True
+    return True
 
 
 def _unmount_under(directory: Path) -> None:

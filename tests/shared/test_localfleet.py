@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -121,3 +122,37 @@ class TestKilledParent:
             time.sleep(0.05)
 
         assert not _running(redis_pid)
+
+
+class TestAbandonedFolders:
+    def test_only_folders_of_processes_gone_are_removed(self, tmp_path: Path) -> None:
+        """A folder named for a process that has exited goes, with what is
+        in it; one named for a running process, one of another name and a
+        file of the same shape stay."""
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        gone = tmp_path / f"acp-fleet-{ended.pid}-abc"
+        (gone / "workspaces").mkdir(parents=True)
+        (gone / "fleet.toml").write_text("token_secret = 'of a dead fleet'\n")
+        running = tmp_path / f"acp-fleet-{os.getpid()}-def"
+        running.mkdir()
+        other = tmp_path / "acp-fleet-x1-ghi"
+        other.mkdir()
+        a_file = tmp_path / f"acp-fleet-{ended.pid}-file"
+        a_file.write_text("")
+
+        removed = localfleet.remove_abandoned_folders(tmp_path)
+
+        assert removed == [gone]
+        assert not gone.exists()
+        assert running.is_dir()
+        assert other.is_dir()
+        assert a_file.is_file()
+
+    def test_a_new_folder_is_named_for_this_process_and_private(self) -> None:
+        """The folder's name carries this process' id and only its owner
+        may enter it."""
+        with localfleet.scratch_folder() as folder:
+            assert folder.name.startswith(f"acp-fleet-{os.getpid()}-")
+            assert folder.stat().st_mode & 0o777 == 0o700
+        assert not folder.exists()
