@@ -16,7 +16,7 @@ from arq.worker import Worker, func
 from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
-from shared.errors import SandboxError
+from shared.errors import ConfigError, SandboxError
 from shared.heap import freeze_startup_heap
 from shared.keys import SESSION_JOB, Keys
 from shared.logs import FailureStreak, configure_logging
@@ -335,8 +335,11 @@ def run_worker(settings: FleetSettings) -> None:
     # Before anything else, arq included: a second worker of a live node
     # must touch neither its containers, nor its keys, nor its metrics port.
     ownership = loop.run_until_complete(_take_node(settings))
-    if settings.worker.metrics_port:
-        start_http_server(settings.worker.metrics_port, settings.worker.metrics_host)
+    try:
+        _serve_metrics(settings)
+    except BaseException:
+        loop.run_until_complete(ownership.release())
+        raise
     worker = build_worker(settings, ownership)
     try:
         worker.run()
@@ -348,6 +351,24 @@ def run_worker(settings: FleetSettings) -> None:
             loop.run_until_complete(_stop(worker.ctx))
         # After arq's shutdown: the last sessions' removal spans are ended.
         shutdown_tracing()
+
+
+def _serve_metrics(settings: FleetSettings) -> None:
+    """Serve the Prometheus endpoint on the configured port, if one is.
+
+    Raises:
+        ConfigError: the port cannot be listened on, named with the setting.
+    """
+    host, port = settings.worker.metrics_host, settings.worker.metrics_port
+    if not port:
+        return
+    try:
+        start_http_server(port, host)
+    except OSError as exc:
+        raise ConfigError(
+            f"worker.metrics_port: cannot listen on {host}:{port}:"
+            f" {exc.strerror or exc}"
+        ) from exc
 
 
 async def _take_node(settings: FleetSettings) -> NodeOwnership:

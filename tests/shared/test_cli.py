@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -93,6 +94,37 @@ class TestStartUpErrors:
 
         assert "  worker.docker_url: 'localhost' is not an Engine address" in stderr
         assert "unix:///path or tcp://host:port" in stderr
+
+    async def test_a_metrics_port_in_use_is_named_and_the_node_let_go(
+        self, tmp_path: Path, redis_url: str
+    ) -> None:
+        """A worker whose metrics port another process holds names the
+        setting and the address, exits 2, and leaves its node free for the
+        next worker at once."""
+        config = tmp_path / "fleet.toml"
+        config.write_text(CONFIG + 'key_prefix = "fportbusy"\n')
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            env = clean_env(
+                ACP_FLEET_REDIS_URL=redis_url,
+                ACP_FLEET_WORKER__NODE="busy-port",
+                ACP_FLEET_WORKER__METRICS_PORT=str(port),
+            )
+
+            stderr = refusal("worker", "--config", str(config), env=env)
+
+        assert stderr.splitlines() == [
+            f"acp-fleet: worker.metrics_port: cannot listen on 127.0.0.1:{port}:"
+            " Address already in use"
+        ]
+        redis = Redis.from_url(redis_url)
+        try:
+            owner = await redis.exists(Keys("fportbusy").node_owner("busy-port"))
+        finally:
+            await redis.aclose()
+        assert owner == 0
 
 
 @pytest.fixture(scope="module")
