@@ -26,7 +26,11 @@ by an ACP_FLEET_... environment variable (nested fields use '__').
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``acp-fleet`` command."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Refused by the command's own parser, so that the usage shown is
+        # the command's rather than the bare list of commands.
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         status: int = args.run(args)
     except ConfigError as exc:
@@ -55,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_connect_command(commands)
     _add_operator_commands(commands)
     _add_demo_command(commands)
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)
 
     return parser
 
@@ -352,6 +358,12 @@ def _run_connect(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    unusable = _unusable_key(
+        "--token" if args.token else "ACP_FLEET_API_KEY", credential
+    )
+    if unusable:
+        print(f"acp-fleet connect: {unusable}", file=sys.stderr)
+        return 2
     missing = [name for name in args.env if name not in os.environ]
     if missing:
         print(
@@ -390,9 +402,8 @@ def _operator_call(args: argparse.Namespace, method: str, path: str) -> Any:
     """Call an operator endpoint; its JSON, or None once refused and said."""
     import httpx
 
-    key = os.environ.get("ACP_FLEET_OPERATOR_KEY")
-    if not key:
-        _complain("set ACP_FLEET_OPERATOR_KEY to an operator key")
+    key = _operator_key()
+    if key is None:
         return None
     try:
         response = httpx.request(
@@ -415,6 +426,33 @@ def _operator_call(args: argparse.Namespace, method: str, path: str) -> Any:
         return None
 
     return body
+
+
+def _operator_key() -> str | None:
+    """ACP_FLEET_OPERATOR_KEY, or None once said why it cannot be used."""
+    key = os.environ.get("ACP_FLEET_OPERATOR_KEY")
+    if not key:
+        _complain("set ACP_FLEET_OPERATOR_KEY to an operator key")
+        return None
+    unusable = _unusable_key("ACP_FLEET_OPERATOR_KEY", key)
+    if unusable:
+        _complain(unusable)
+        return None
+    return key
+
+
+def _unusable_key(source: str, key: str) -> str | None:
+    """Why ``key`` from ``source`` cannot be sent in a header, or None.
+
+    Without this a key pasted with its newline is refused by the HTTP
+    library as a header value and reported as a failure to connect.
+    """
+    if key.isascii() and key.isprintable() and " " not in key:
+        return None
+    return (
+        f"{source} holds a character no key has"
+        " (keys are printable ASCII, without spaces or line breaks)"
+    )
 
 
 def _complain(text: str) -> None:
@@ -460,9 +498,8 @@ def _run_top(args: argparse.Namespace) -> int:
     from scheduler.client import ApiError
     from scheduler.top import top
 
-    key = os.environ.get("ACP_FLEET_OPERATOR_KEY")
-    if not key:
-        _complain("set ACP_FLEET_OPERATOR_KEY to an operator key")
+    key = _operator_key()
+    if key is None:
         return 2
     try:
         asyncio.run(

@@ -224,3 +224,52 @@ class TestDrainCommand:
 
         assert ran.returncode == 1
         assert ran.stderr == b""
+
+
+class TestKeysFromTheEnvironment:
+    @pytest.mark.parametrize("command", [["nodes"], ["top", "--once"]])
+    @pytest.mark.parametrize("key", ["afo_abc\n", "afo_a bc", "afo_é"])
+    def test_a_key_no_header_can_carry_is_named_before_any_call(
+        self, command: list[str], key: str
+    ) -> None:
+        """An operator key with a line break, a space or a letter outside
+        ASCII is refused in one line naming the variable, not reported as
+        a scheduler that cannot be reached."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY=key)
+
+        ran = cli(*command, "--url", "http://127.0.0.1:1", env=env)
+
+        assert ran.returncode == 2
+        assert ran.stderr.decode().splitlines() == [
+            "acp-fleet: ACP_FLEET_OPERATOR_KEY holds a character no key has"
+            " (keys are printable ASCII, without spaces or line breaks)"
+        ]
+
+    def test_an_organisation_key_is_checked_by_connect(self) -> None:
+        """connect names ACP_FLEET_API_KEY when its key cannot be sent."""
+        env = clean_env(ACP_FLEET_API_KEY="afk_abc\r\n")
+
+        ran = cli("connect", "--profile", "p", "--url", "http://127.0.0.1:1", env=env)
+
+        assert ran.returncode == 2
+        assert ran.stderr.decode().startswith(
+            "acp-fleet connect: ACP_FLEET_API_KEY holds a character no key has"
+        )
+
+
+class TestUnknownArguments:
+    @pytest.mark.parametrize(
+        "args", [["top"], ["nodes"], ["worker"], ["connect", "--profile", "p"]]
+    )
+    def test_the_command_own_usage_is_shown(self, args: list[str]) -> None:
+        """An option a command does not take is refused with exit 2 and
+        that command's usage, not the list of commands."""
+        command = args[0]
+        ran = cli(*args, "--bogus", env=clean_env())
+
+        stderr = ran.stderr.decode()
+        assert ran.returncode == 2
+        assert stderr.startswith(f"usage: acp-fleet {command} ")
+        assert stderr.splitlines()[-1] == (
+            f"acp-fleet {command}: error: unrecognized arguments: --bogus"
+        )
