@@ -94,7 +94,10 @@ def _child(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
     # Ctrl-C reaches the whole process group; the benchmark alone handles
     # it, and its children end when it closes their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    uvloop.run(main(*args))
+    # A benchmark stopped while this starts has closed the pipe that the
+    # child would say it is ready on; what it made is removed regardless.
+    with contextlib.suppress(BrokenPipeError):
+        uvloop.run(main(*args))
 
 
 async def _work(
