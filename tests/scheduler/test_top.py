@@ -430,6 +430,19 @@ def drain_until_exit(
             os.read(fd, 65536)
 
 
+def piped_top(fleet: LocalFleet) -> subprocess.Popen[bytes]:
+    """``acp-fleet top`` refreshing every 0.2 s into pipes, stdin closed."""
+    args = ["top", "--interval-s", "0.2", "--url", fleet.url]
+    return subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=operator_env(fleet),
+        cwd=REPO,
+    )
+
+
 def ours(fleet: LocalFleet, view: dict[str, Any]) -> dict[str, Any]:
     """The worker's node in ``view``; a node without a first heartbeat yet
     is listed as one with nothing in it."""
@@ -505,15 +518,7 @@ class TestTopCommand:
         self, watched: LocalFleet
     ) -> None:
         """Refreshing every 0.2 s, Ctrl-C ends it with status 0, no traceback."""
-        args = ["top", "--interval-s", "0.2", "--url", watched.url]
-        live = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=operator_env(watched),
-            cwd=REPO,
-        )
+        live = piped_top(watched)
         time.sleep(2)
         live.send_signal(signal.SIGINT)
         out, err = live.communicate(timeout=30)
@@ -527,15 +532,7 @@ class TestTopCommand:
     ) -> None:
         """Piped, the view prints frame after frame at once, and ends quietly
         with status 1 when the reader closes the pipe, as ``| head`` does."""
-        args = ["top", "--interval-s", "0.2", "--url", watched.url]
-        live = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=operator_env(watched),
-            cwd=REPO,
-        )
+        live = piped_top(watched)
         assert live.stdout is not None
         assert live.stderr is not None
         try:
