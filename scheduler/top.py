@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import termios
 import tty
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import httpx
 from rich import box
@@ -36,6 +37,7 @@ STALE_BEAT_MS = 3 * 2000
 SHORT_ID = 12
 
 Snapshot = Mapping[str, Any]
+T = TypeVar("T")
 
 
 def render(view: Snapshot, *, notice: str | None = None) -> RenderableType:
@@ -298,12 +300,18 @@ async def watch(
     view: Snapshot = await client.fleet(sessions_limit=sessions_limit)
     # Keys are read from before the first frame, so a q typed as soon as
     # the view shows is not lost in the switch of terminal modes.
-    with _quit_key() as quit_pressed:
+    with _quit_key() as quit_pressed, _quit_on_signals(quit_pressed):
 
         async def refresh_until_quit(show: Callable[[RenderableType], object]) -> None:
             last = view
             while not await _wait(quit_pressed, interval_s):
-                last, notice = await _refresh(client, last, sessions_limit)
+                # A quit does not wait for a scheduler slow to answer.
+                read = await _unless_set(
+                    quit_pressed, _refresh(client, last, sessions_limit)
+                )
+                if read is None:
+                    return
+                last, notice = read
                 show(render(last, notice=notice))
 
         if console.is_terminal:
@@ -333,6 +341,37 @@ async def _refresh(
         if exc.status < 500:
             raise
         return last, f"{client.base_url} answered {exc}; retrying"
+
+
+async def _unless_set(event: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None if ``event`` is set first (``work`` is
+    then cancelled)."""
+    running = asyncio.ensure_future(work)
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if not running.done():
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        return None
+    return running.result()
+
+
+@contextlib.contextmanager
+def _quit_on_signals(quit_requested: asyncio.Event) -> Iterator[None]:
+    """Take SIGTERM and SIGHUP as a quit, so that the terminal is restored
+    as on q; the signals' handlers are given back on the way out."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGHUP)
+    for signum in signals:
+        loop.add_signal_handler(signum, quit_requested.set)
+    try:
+        yield
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
 
 
 async def _wait(event: asyncio.Event, timeout_s: float) -> bool:

@@ -272,18 +272,28 @@ class Stop(Exception):
     """Ends a watch from inside the stub, as q would."""
 
 
+class Hang:
+    """A scheduler that never answers; this process gets SIGTERM meanwhile,
+    as an operator's ``kill`` would send it."""
+
+
 class StubClient:
-    """Answers ``fleet`` from a script: a snapshot, or an exception to raise."""
+    """Answers ``fleet`` from a script: a snapshot, an exception to raise,
+    or a hang."""
 
     base_url = "http://fleet.test"
 
-    def __init__(self, *answers: dict[str, Any] | Exception) -> None:
+    def __init__(self, *answers: dict[str, Any] | Exception | Hang) -> None:
         self.answers = list(answers)
 
     async def fleet(self, *, sessions_limit: int) -> dict[str, Any]:
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
+        if isinstance(answer, Hang):
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.Future()
+        assert isinstance(answer, dict)
         return answer
 
 
@@ -343,6 +353,31 @@ class TestWatch:
 
         assert "node-b" in text
         assert "cannot reach" not in text
+
+    @pytest.mark.parametrize("terminal", [True, False])
+    async def test_sigterm_quits_without_waiting_for_the_answer(
+        self, terminal: bool
+    ) -> None:
+        """SIGTERM while the scheduler is slow to answer ends the watch at
+        once, as q does, leaving the last frame shown."""
+        client = StubClient(snapshot(node("node-a")), Hang())
+        out = io.StringIO()
+        console = Console(
+            file=out, width=100, color_system=None, force_terminal=terminal
+        )
+
+        await asyncio.wait_for(
+            watch(
+                client,  # type: ignore[arg-type]
+                interval_s=0.01,
+                sessions_limit=20,
+                console=console,
+            ),
+            timeout=5,
+        )
+
+        assert client.answers == []
+        assert "node-a" in out.getvalue()
 
     async def test_off_a_terminal_each_frame_follows_the_last(self) -> None:
         """Into a pipe or a file every frame is printed whole, in the order
@@ -556,8 +591,12 @@ class TestTopCommand:
         assert status == 1, err
         assert err == b""
 
-    def test_q_on_a_terminal_quits_and_restores_it(self, watched: LocalFleet) -> None:
-        """On a terminal, q ends the view with 0 and echo is back afterwards."""
+    @pytest.mark.parametrize("how", ["q", "SIGTERM", "SIGHUP"])
+    def test_q_or_a_signal_on_a_terminal_quits_and_restores_it(
+        self, watched: LocalFleet, how: str
+    ) -> None:
+        """On a terminal, q, SIGTERM or SIGHUP ends the view with 0 and the
+        terminal is as it was, echo included."""
         controller, terminal = pty.openpty()
         before = termios.tcgetattr(terminal)
         args = ["top", "--interval-s", "0.2", "--url", watched.url]
@@ -571,7 +610,10 @@ class TestTopCommand:
         )
         try:
             shown = read_until(controller, watched.settings.worker.node.encode())
-            os.write(controller, b"q")
+            if how == "q":
+                os.write(controller, b"q")
+            else:
+                live.send_signal(getattr(signal, how))
             # The view writes on: reading on keeps it from blocking on a full
             # terminal before it sees the key.
             drain_until_exit(controller, live)
