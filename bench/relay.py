@@ -28,6 +28,7 @@ from typing import Any
 import uvloop
 from arguments import whole
 from floor import floor_path
+from leftovers import owned, remove_leftovers
 
 from scheduler.client import ApiError, End, FleetClient
 from shared.localfleet import local_fleet, redis_server, scratch_folder
@@ -79,7 +80,7 @@ def sandbox_config(spec: SandboxSpec, script: str) -> dict[str, Any]:
     config = container_config(
         spec, fleet="bench", node="bench", seccomp=seccomp_profile()
     )
-    return {**config, "Cmd": ["sh", "-c", script]}
+    return owned({**config, "Cmd": ["sh", "-c", script]})
 
 
 async def direct(
@@ -216,6 +217,7 @@ async def measure(fleet: Any, n: int, size: int) -> list[str]:
     settings = load_settings(fleet.config_path)
     runtime = DockerRuntime(settings.worker.docker_url)
     await runtime.open()
+    await remove_leftovers(runtime)
     cat = settings.profiles["cat"]
     spec = SandboxSpec("bench", "cat", cat, cat.limits, IMAGE)
     try:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 from arguments import whole
+from leftovers import owned, remove_leftovers
 from redis.asyncio import Redis
 
 from scheduler.client import End, FleetClient
@@ -46,7 +47,7 @@ def profile(pool_size: int) -> dict[str, Any]:
 
 async def bare_start(runtime: DockerRuntime, spec: SandboxSpec, seccomp: str) -> float:
     """Create, attach, start and read the first byte, straight from Docker."""
-    config = container_config(spec, fleet="bench", node="bench", seccomp=seccomp)
+    config = owned(container_config(spec, fleet="bench", node="bench", seccomp=seccomp))
     started = time.perf_counter()
     container_id = await runtime.create(config, name=f"bench-{time.time_ns()}")
     stdio = await runtime.attach(container_id)
@@ -75,7 +76,7 @@ async def exec_starts(
     runtime: DockerRuntime, spec: SandboxSpec, seccomp: str, n: int
 ) -> list[float]:
     config = container_config(spec, fleet="bench", node="bench", seccomp=seccomp)
-    config = {**config, "Cmd": ["sleep", "3600"]}
+    config = owned({**config, "Cmd": ["sleep", "3600"]})
     container_id = await runtime.create(config, name=f"bench-exec-{time.time_ns()}")
     try:
         await runtime.start(container_id)
@@ -151,6 +152,7 @@ async def measure(fleet: LocalFleet, sessions: int, size: int) -> list[str]:
     settings = load_settings(fleet.config_path)
     runtime = DockerRuntime(settings.worker.docker_url)
     await runtime.open()
+    await remove_leftovers(runtime)
     spec = SandboxSpec(
         session_id="bench",
         profile_name="cold",

@@ -331,7 +331,7 @@ def remove_abandoned_folders(root: Path) -> list[Path]:
     removed = []
     for folder in root.glob(f"{_FOLDER_PREFIX}*-*"):
         pid = folder.name.removeprefix(_FOLDER_PREFIX).partition("-")[0]
-        if not pid.isdecimal() or _running(int(pid)):
+        if not pid.isdecimal() or process_running(int(pid)):
             continue
         try:
             found = folder.lstat()
@@ -345,7 +345,8 @@ def remove_abandoned_folders(root: Path) -> list[Path]:
     return removed
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process of id ``pid`` runs, this user's or another's."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
