@@ -448,10 +448,14 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
 return {ARGV[1], tonumber(ARGV[2])}
 """
 
-# KEYS: node_owner. ARGV: instance. Give the node up, if still held.
+# KEYS: node_owner, node, nodes. ARGV: instance, node name. Give the node
+# up, if still held, and take it out of the listing: a worker that stops is
+# not a node gone silent. A process that lost the hold touches neither.
 RELEASE_NODE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+return 1
 """

@@ -925,8 +925,12 @@ class SessionStore:
         return _text(holder), int(left_ms)
 
     async def release_node(self, node: str, instance: str) -> None:
-        """Give ``node`` up, so that a worker started next need not wait."""
-        await self._release_node(keys=[self.keys.node_owner(node)], args=[instance])
+        """Give ``node`` up, so that a worker started next need not wait,
+        and take it out of the node listing."""
+        k = self.keys
+        await self._release_node(
+            keys=[k.node_owner(node), k.node(node), k.nodes], args=[instance, node]
+        )
 
     async def nodes(self) -> list[dict[str, str]]:
         """Return each node's last heartbeat record, most recent first."""

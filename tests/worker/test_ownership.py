@@ -114,6 +114,31 @@ class TestNodeOwnership:
 
         assert time.monotonic() - started < 0.1
 
+    async def test_a_release_takes_the_node_out_of_the_listing(
+        self, store: SessionStore, redis_url: str
+    ) -> None:
+        """A worker that stops cleanly is not listed as a silent node; a
+        process that lost the hold leaves the holder's listing alone."""
+        stale = _ownership(store)
+        await stale.acquire()
+        await store.beat_node("n1", {"capacity": "1"}, ttl_ms=10_000)
+        # The hold lapses and another process takes the node and beats.
+        await store.redis.delete(store.keys.node_owner("n1"))
+        other = SessionStore(Redis.from_url(redis_url), keys=store.keys)
+        holder = _ownership(other)
+        await holder.acquire()
+        await other.beat_node("n1", {"capacity": "1"}, ttl_ms=10_000)
+
+        await stale.release()
+        still_listed = [n["node"] for n in await other.nodes()]
+        await holder.release()
+        check = SessionStore(Redis.from_url(redis_url), keys=store.keys)
+        after = await check.nodes()
+        await check.close()
+
+        assert still_listed == ["n1"]
+        assert after == []
+
     async def test_a_dead_predecessor_on_this_host_is_not_waited_for(
         self, store: SessionStore
     ) -> None:
