@@ -592,7 +592,7 @@ def _operator_routes(app: FastAPI) -> None:
         return await _fleet_view(fleet, sessions_limit=sessions_limit)
 
     @app.post(
-        "/v1/nodes/{node}/drain",
+        "/v1/nodes/{node:path}/drain",
         status_code=202,
         response_model=FleetView,
         responses=_refusals(*_GUARDED, 404),
@@ -604,7 +604,7 @@ def _operator_routes(app: FastAPI) -> None:
         return await _set_drain(fleet, node, authorization, drain=True)
 
     @app.delete(
-        "/v1/nodes/{node}/drain",
+        "/v1/nodes/{node:path}/drain",
         response_model=FleetView,
         responses=_refusals(*_GUARDED, 404),
     )

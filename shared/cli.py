@@ -7,6 +7,7 @@ import asyncio
 import math
 import os
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,11 +116,7 @@ def _add_connect_command(commands: Any) -> None:
         "it as its agent command. The credential is read from "
         "ACP_FLEET_API_KEY (an organisation key) or --token.",
     )
-    connect.add_argument(
-        "--url",
-        default=os.environ.get("ACP_FLEET_URL", "http://127.0.0.1:8080"),
-        help="the scheduler's base URL (default: $ACP_FLEET_URL or %(default)s)",
-    )
+    _url_option(connect)
     which = connect.add_mutually_exclusive_group(required=True)
     which.add_argument("--profile", help="create a new session of this agent profile")
     which.add_argument("--session", help="attach to this existing session id")
@@ -253,8 +250,29 @@ def _add_demo_command(commands: Any) -> None:
 def _url_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
+        type=_scheduler_url,
         default=os.environ.get("ACP_FLEET_URL", "http://127.0.0.1:8080"),
         help="the scheduler's base URL (default: $ACP_FLEET_URL or %(default)s)",
+    )
+
+
+def _scheduler_url(text: str) -> str:
+    """An argparse type: an http(s) URL with a host and a valid port."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises for a port that is not one
+    except ValueError as exc:
+        reason = str(exc)
+    else:
+        if parts.scheme not in ("http", "https"):
+            reason = "the scheme is not http or https"
+        elif not parts.hostname:
+            reason = "it names no host"
+        else:
+            return text
+    raise argparse.ArgumentTypeError(
+        f"expected the scheduler's URL, such as http://127.0.0.1:8080, "
+        f"not {text!r}: {reason}"
     )
 
 
@@ -410,10 +428,11 @@ def _operator_call(args: argparse.Namespace, method: str, path: str) -> Any:
             method,
             args.url.rstrip("/") + path,
             headers={"Authorization": f"Bearer {key}"},
-            timeout=30,
+            # As top's: a scheduler that does not answer is reported.
+            timeout=5,
         )
     except httpx.HTTPError as exc:
-        _complain(f"cannot reach {args.url}: {exc}")
+        _complain(f"cannot reach {args.url}: {str(exc) or type(exc).__name__}")
         return None
     try:
         body = response.json()
@@ -515,7 +534,7 @@ def _run_top(args: argparse.Namespace) -> int:
         _complain(f"top: {exc}")
         return 2
     except httpx.HTTPError as exc:
-        _complain(f"top: cannot reach {args.url}: {exc or type(exc).__name__}")
+        _complain(f"top: cannot reach {args.url}: {str(exc) or type(exc).__name__}")
         return 2
     except ValueError:
         # Something answered, but not with the fleet's JSON.
@@ -528,8 +547,13 @@ def _run_top(args: argparse.Namespace) -> int:
 
 
 def _run_drain(args: argparse.Namespace) -> int:
+    if not args.node:
+        _complain("drain: the node's name is empty")
+        return 2
     method = "DELETE" if args.undo else "POST"
-    if _operator_call(args, method, f"/v1/nodes/{args.node}/drain") is None:
+    # Quoted whole, so that a name with / or ? names no other path.
+    node = urllib.parse.quote(args.node, safe="")
+    if _operator_call(args, method, f"/v1/nodes/{node}/drain") is None:
         return 2
     # The worker learns of the request from its next heartbeat's answer,
     # so a table now would still show the node claiming.

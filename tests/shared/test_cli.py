@@ -187,6 +187,34 @@ class TestDrainCommand:
         assert ran.stdout == b""
         assert ran.stderr.decode().startswith("acp-fleet: node_not_found: ")
 
+    @pytest.mark.parametrize("name", ["x/../n1", "n1?x=1", "n1#x", "n1/"])
+    async def test_a_name_is_one_node_never_a_path(
+        self, scheduler_alone: LocalFleet, name: str
+    ) -> None:
+        """A name with /, ? or # is sent as one name: it is refused as an
+        unknown node, and n1 is not drained."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
+
+        ran = cli("drain", name, "--url", scheduler_alone.url, env=env)
+
+        assert ran.returncode == 2
+        assert ran.stderr.decode().startswith("acp-fleet: node_not_found: ")
+        redis = Redis.from_url(scheduler_alone.redis_url)
+        keys = Keys(scheduler_alone.settings.key_prefix)
+        try:
+            assert await redis.exists(keys.node_drain("n1")) == 0
+        finally:
+            await redis.aclose()
+
+    def test_an_empty_name_is_refused_before_any_call(self) -> None:
+        """drain '' says the name is empty."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY="afo_x")
+
+        ran = cli("drain", "", "--url", "http://127.0.0.1:1", env=env)
+
+        assert ran.returncode == 2
+        assert ran.stderr.decode() == "acp-fleet: drain: the node's name is empty\n"
+
     def test_nodes_still_prints_the_table(self, scheduler_alone: LocalFleet) -> None:
         """acp-fleet nodes lists the known node and the queue."""
         env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
@@ -273,3 +301,41 @@ class TestUnknownArguments:
         assert stderr.splitlines()[-1] == (
             f"acp-fleet {command}: error: unrecognized arguments: --bogus"
         )
+
+
+class TestSchedulerUrl:
+    @pytest.mark.parametrize(
+        ("url", "reason"),
+        [
+            ("http://[::1", "Invalid IPv6 URL"),
+            ("http://127.0.0.1:99999", "Port out of range 0-65535"),
+            ("localhost:8080", "the scheme is not http or https"),
+            ("http://", "it names no host"),
+        ],
+    )
+    @pytest.mark.parametrize("command", [["top", "--once"], ["nodes"], ["drain", "n1"]])
+    def test_a_url_that_is_none_is_refused_by_name(
+        self, command: list[str], url: str, reason: str
+    ) -> None:
+        """A malformed --url is one usage error naming it and why, exit 2,
+        no traceback."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY="afo_x")
+
+        ran = cli(*command, "--url", url, env=env)
+
+        last = ran.stderr.decode().splitlines()[-1]
+        assert ran.returncode == 2
+        assert "Traceback" not in ran.stderr.decode()
+        assert last == (
+            f"acp-fleet {command[0]}: error: argument --url: expected the"
+            f" scheduler's URL, such as http://127.0.0.1:8080, not {url!r}: {reason}"
+        )
+
+    def test_one_from_the_environment_is_checked_too(self) -> None:
+        """ACP_FLEET_URL is the default --url, refused the same way."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY="afo_x", ACP_FLEET_URL="ftp://x")
+
+        ran = cli("nodes", env=env)
+
+        assert ran.returncode == 2
+        assert "argument --url: expected the scheduler's URL" in ran.stderr.decode()
