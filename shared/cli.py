@@ -480,8 +480,10 @@ def _complain(text: str) -> None:
 
 def _table(view: Any) -> str:
     """Render ``GET /v1/fleet`` for a terminal."""
+    width = max([22, *(len(node["node"]) for node in view["nodes"])]) + 2
     lines = [
-        f"{'node':<24}{'beat':>8}{'sessions':>10}{'drain':>7}  pools (ready/target)"
+        f"{'node':<{width}}{'beat':>8}{'sessions':>10}{'drain':>11}"
+        "  pools (ready/target)"
     ]
     for node in view["nodes"]:
         pools = ", ".join(
@@ -490,15 +492,22 @@ def _table(view: Any) -> str:
             for name, pool in node["pools"].items()
         )
         lines.append(
-            f"{node['node']:<24}{node['heartbeat_age_ms'] / 1000:>7.1f}s"
+            f"{node['node']:<{width}}{node['heartbeat_age_ms'] / 1000:>7.1f}s"
             f"{node['sessions']:>5}/{node['capacity']:<4}"
-            f"{'yes' if node['draining'] else 'no':>7}  {pools or '-'}"
+            f"{_drain_state(node):>11}  {pools or '-'}"
         )
     queue = view["queue"]
     wait_ms = queue["oldest_wait_ms"]
     waited = "-" if wait_ms is None else f"{wait_ms / 1000:.1f}s"
     lines.append(f"queue: {queue['depth']} waiting, oldest {waited}")
     return "\n".join(lines)
+
+
+def _drain_state(node: Any) -> str:
+    """yes once the worker drains; requested until it follows; else no."""
+    if node["draining"]:
+        return "yes"
+    return "requested" if node.get("drain_requested") else "no"
 
 
 def _run_nodes(args: argparse.Namespace) -> int:

@@ -215,6 +215,25 @@ class TestDrainCommand:
         assert ran.returncode == 2
         assert ran.stderr.decode() == "acp-fleet: drain: the node's name is empty\n"
 
+    def test_nodes_shows_a_drain_requested_until_the_worker_follows(
+        self, scheduler_alone: LocalFleet
+    ) -> None:
+        """Right after drain, before the node's worker has followed, nodes
+        says requested, not no."""
+        env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
+        url = scheduler_alone.url
+        cli("drain", "n1", "--url", url, env=env)
+        try:
+            ran = cli("nodes", "--url", url, env=env)
+        finally:
+            cli("drain", "n1", "--undo", "--url", url, env=env)
+
+        row = next(
+            line for line in ran.stdout.decode().splitlines() if line.startswith("n1 ")
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert row.split()[3] == "requested"
+
     def test_nodes_still_prints_the_table(self, scheduler_alone: LocalFleet) -> None:
         """acp-fleet nodes lists the known node and the queue."""
         env = clean_env(ACP_FLEET_OPERATOR_KEY=scheduler_alone.operator_key)
