@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import secrets
 import signal
 import time
@@ -94,10 +95,16 @@ def _child(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
     # Ctrl-C reaches the whole process group; the benchmark alone handles
     # it, and its children end when it closes their pipes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A benchmark stopped while this starts has closed the pipe that the
-    # child would say it is ready on; what it made is removed regardless.
-    with contextlib.suppress(BrokenPipeError):
+    try:
         uvloop.run(main(*args))
+    except Exception:
+        # A benchmark stopped while this starts takes with it the pipe this
+        # would say it is ready on and the Redis it would reach; what this
+        # made is removed regardless, and there is nobody to tell. (The
+        # benchmark may be gone before this interpreter has even started.)
+        benchmark = multiprocessing.parent_process()
+        if benchmark is not None and os.getppid() == benchmark.pid:
+            raise
 
 
 async def _work(
