@@ -21,18 +21,18 @@ def whole(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def seconds(high: float) -> Callable[[str], float]:
-    """An argparse type: more than 0 and at most ``high`` seconds."""
+def seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: from ``low`` to ``high`` seconds."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if 0 < value <= high:
+        if low <= value <= high:
             return value
         raise argparse.ArgumentTypeError(
-            f"expected more than 0 and at most {high:g} seconds, not {text!r}"
+            f"expected from {low:g} to {high:g} seconds, not {text!r}"
         )
 
     return parse

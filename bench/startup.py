@@ -207,13 +207,13 @@ def main() -> None:
         "--sessions",
         type=whole(1, 200),
         default=50,
-        help="sessions started one at a time, cold and warm (default: 50)",
+        help="sessions started one at a time, cold and warm; 1 to 200 (default: 50)",
     )
     parser.add_argument(
         "--burst",
         type=whole(1, 64),
         default=32,
-        help="sessions started at once (default: 32)",
+        help="sessions started at once; 1 to 64 (default: 32)",
     )
     args = parser.parse_args()
     pool_size = size_pool(args.sessions, args.burst)

@@ -24,6 +24,7 @@ class TestArguments:
             ("relay.py", ["--mib", "-1"], "--mib"),
             ("relay.py", ["--mib", "99999999999999999999"], "--mib"),
             ("admission.py", ["--seconds", "0"], "--seconds"),
+            ("admission.py", ["--seconds", "0.001"], "--seconds"),
             ("admission.py", ["--seconds", "nan"], "--seconds"),
             ("startup.py", ["--sessions", "0"], "--sessions"),
             ("startup.py", ["--burst", "-3"], "--burst"),
