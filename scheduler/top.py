@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import termios
+import time
 import tty
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -303,7 +304,7 @@ async def watch(
     with _quit_key() as quit_pressed, _quit_on_signals(quit_pressed):
 
         async def refresh_until_quit(show: Callable[[RenderableType], object]) -> None:
-            last = view
+            last, read_at = view, _clock()
             while not await _wait(quit_pressed, interval_s):
                 # A quit does not wait for a scheduler slow to answer.
                 read = await _unless_set(
@@ -312,6 +313,10 @@ async def watch(
                 if read is None:
                     return
                 last, notice = read
+                if notice is None:
+                    read_at = _clock()
+                else:
+                    notice += f"; shown as read at {read_at}"
                 show(render(last, notice=notice))
 
         if console.is_terminal:
@@ -319,9 +324,18 @@ async def watch(
                 await refresh_until_quit(lambda frame: live.update(frame, refresh=True))
         else:
             # A pipe or a file cannot be redrawn: each frame follows the
-            # last, printed as it is read.
-            console.print(render(view))
-            await refresh_until_quit(console.print)
+            # last, printed as it is read, under the time it was printed.
+            def print_frame(frame: RenderableType) -> None:
+                console.print(Text(f"at {_clock()}", style="dim"))
+                console.print(frame)
+
+            print_frame(render(view))
+            await refresh_until_quit(print_frame)
+
+
+def _clock() -> str:
+    """The time of day, as the operator's frames show it."""
+    return time.strftime("%H:%M:%S")
 
 
 async def _refresh(
@@ -340,7 +354,7 @@ async def _refresh(
     except ApiError as exc:
         if exc.status < 500:
             raise
-        return last, f"{client.base_url} answered {exc}; retrying"
+        return last, f"{client.base_url} answered {str(exc).rstrip('.')}; retrying"
 
 
 async def _unless_set(event: asyncio.Event, work: Awaitable[T]) -> T | None:

@@ -189,7 +189,7 @@ def _add_top_command(commands: Any) -> None:
     _url_option(top)
     top.add_argument(
         "--interval-s",
-        type=_positive_seconds,
+        type=_refresh_seconds,
         default=1.0,
         metavar="SECONDS",
         help="seconds between refreshes (default: %(default)s)",
@@ -205,14 +205,15 @@ def _add_top_command(commands: Any) -> None:
     top.set_defaults(run=_run_top)
 
 
-def _positive_seconds(text: str) -> float:
+def _refresh_seconds(text: str) -> float:
+    # Finer than a tenth of a second would only load the scheduler.
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not 0 < value < math.inf:
+    if not 0.1 <= value < math.inf:
         raise argparse.ArgumentTypeError(
-            f"expected a positive number of seconds, such as 0.5 or 2, not {text!r}"
+            f"expected at least 0.1 seconds, such as 0.5 or 2, not {text!r}"
         )
     return value
 

@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -322,7 +323,11 @@ class TestWatch:
 
         text = await self.watch(client)
 
-        assert "cannot reach http://fleet.test: connection refused; retrying" in text
+        assert re.search(
+            r"cannot reach http://fleet.test: connection refused; retrying;"
+            r" shown as read at \d\d:\d\d:\d\d",
+            text,
+        )
         assert "node-a" in text
 
     async def test_a_scheduler_error_is_retried_and_a_refusal_ends_it(self) -> None:
@@ -392,6 +397,7 @@ class TestWatch:
         text = await self.watch(client, terminal=False)
 
         assert text.count("queue: empty") == 3
+        assert len(re.findall(r"^at \d\d:\d\d:\d\d$", text, re.MULTILINE)) == 3
         first, second, third = (
             text.index(needle)
             for needle in ("node-a", "node-b", "cannot reach http://fleet.test")
@@ -677,15 +683,17 @@ class TestTopCommandAlone:
         assert "Press q or Ctrl-C to quit" in text
         assert "ACP_FLEET_OPERATOR_KEY" in text
 
-    @pytest.mark.parametrize("interval", ["0", "-1", "soon", "nan", "inf"])
-    def test_an_interval_that_is_not_positive_is_refused(self, interval: str) -> None:
-        """--interval-s takes positive seconds and says so."""
+    @pytest.mark.parametrize("interval", ["0", "-1", "0.05", "soon", "nan", "inf"])
+    def test_an_interval_under_a_tenth_or_not_a_number_is_refused(
+        self, interval: str
+    ) -> None:
+        """--interval-s takes a tenth of a second or more and says so."""
         env = {**os.environ, "ACP_FLEET_OPERATOR_KEY": "afo_x"}
 
         done = cli("top", "--interval-s", interval, env=env)
 
         assert done.returncode == 2
-        assert b"expected a positive number of seconds" in done.stderr
+        assert b"expected at least 0.1 seconds" in done.stderr
 
     @pytest.mark.parametrize("count", ["0", "-1", "many", "2.5"])
     def test_a_session_count_that_is_not_positive_is_refused(self, count: str) -> None:
