@@ -53,12 +53,13 @@ def promtool_test(tmp_path: Path, series: dict[str, str], at: dict[str, list]) -
     }
     path = tmp_path / "heartbeat-test.yml"
     path.write_text(yaml.safe_dump(case))
+    return promtool("test", "rules", str(path))
+
+
+def promtool(*args: str) -> str:
+    """Run promtool, expect success, return what it printed."""
     done = subprocess.run(
-        ["promtool", "test", "rules", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        ["promtool", *args], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -67,16 +68,9 @@ def promtool_test(tmp_path: Path, series: dict[str, str], at: dict[str, list]) -
 class TestRules:
     def test_the_rules_file_is_valid(self) -> None:
         """promtool reads every rule of the shipped file."""
-        done = subprocess.run(
-            ["promtool", "check", "rules", str(RULES)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        out = promtool("check", "rules", str(RULES))
 
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "SUCCESS" in done.stdout
+        assert "SUCCESS" in out
 
 
 class TestNodeHeartbeatAlert:
