@@ -79,9 +79,9 @@ class TestNodeHeartbeatAlert:
     ) -> None:
         """A node silent past a lease pages after a minute and goes on
         paging once its gauge is gone (the scheduler drops it from the
-        listing); one that stopped cleanly never pages, and one that beats
-        again stops paging. An hour after the last stale age the page
-        ends."""
+        listing); one that stopped cleanly never pages, even after an
+        earlier silence, and one that beats again stops paging. An hour
+        after a dead node's last age the page ends."""
         out = promtool_test(
             tmp_path,
             {
@@ -91,8 +91,11 @@ class TestNodeHeartbeatAlert:
                 "stopped": "1x6 _x90",
                 # Silent 5 and 6 min, then beats again.
                 "back": "1x4 60 120 1x90",
+                # Silent 1 and 2 min, beats again, stops cleanly at 13 min.
+                "flapped": "0 15 30 1x10 _x80",
             },
             {
+                "2m": [silent("flapped")],
                 "4m": [],
                 "6m": [silent("back"), silent("dead")],
                 "8m": [silent("dead")],
