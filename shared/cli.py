@@ -258,7 +258,9 @@ def _url_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _scheduler_url(text: str) -> str:
-    """An argparse type: an http(s) URL with a host and a valid port."""
+    """An argparse type: an http(s) URL with a host and a valid port, and
+    nothing the commands' own paths would be appended after (a query or a
+    fragment) or sent in place of the key (a user and password)."""
     try:
         parts = urllib.parse.urlsplit(text)
         parts.port  # noqa: B018 - raises for a port that is not one
@@ -269,6 +271,12 @@ def _scheduler_url(text: str) -> str:
             reason = "the scheme is not http or https"
         elif not parts.hostname:
             reason = "it names no host"
+        elif parts.netloc.endswith(":"):
+            reason = "the port is empty"
+        elif "@" in parts.netloc:
+            reason = "it holds a user or password; the key is sent instead"
+        elif parts.query or parts.fragment or text.endswith(("?", "#")):
+            reason = "it has a query or a fragment"
         else:
             return text
     raise argparse.ArgumentTypeError(

@@ -330,9 +330,19 @@ class TestSchedulerUrl:
             ("http://127.0.0.1:99999", "Port out of range 0-65535"),
             ("localhost:8080", "the scheme is not http or https"),
             ("http://", "it names no host"),
+            ("http://127.0.0.1:", "the port is empty"),
+            (
+                "http://user:pw@127.0.0.1:8080",
+                "it holds a user or password; the key is sent instead",
+            ),
+            ("http://127.0.0.1:8080?x=1", "it has a query or a fragment"),
+            ("http://127.0.0.1:8080#f", "it has a query or a fragment"),
         ],
     )
-    @pytest.mark.parametrize("command", [["top", "--once"], ["nodes"], ["drain", "n1"]])
+    @pytest.mark.parametrize(
+        "command",
+        [["top", "--once"], ["nodes"], ["drain", "n1"], ["connect", "--profile", "p"]],
+    )
     def test_a_url_that_is_none_is_refused_by_name(
         self, command: list[str], url: str, reason: str
     ) -> None:
