@@ -15,6 +15,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosedOK
 
+from shared.models import FleetView
 from shared.wire import MAX_STDIN_MESSAGE_BYTES, Output, decode_output
 
 # Acknowledging in steps of this size keeps the relay's backlog well under
@@ -140,9 +141,16 @@ class FleetClient:
         """Operators: nodes, pools, drains, running sessions and the queue.
 
         Needs an operator key as the credential.
+
+        Raises:
+            ValueError: what answered is not a scheduler's view.
         """
         params = {"sessions_limit": sessions_limit}
-        return await self._call("GET", "/v1/fleet", params=params)
+        answer = await self._call("GET", "/v1/fleet", params=params)
+        # A view's readers index into it; another service's JSON would fail
+        # there, far from the cause.
+        FleetView.model_validate(answer)
+        return answer
 
     def stdio(
         self,

@@ -355,6 +355,10 @@ async def _refresh(
         if exc.status < 500:
             raise
         return last, f"{client.base_url} answered {str(exc).rstrip('.')}; retrying"
+    except ValueError:
+        # Something else answers there now, perhaps while the scheduler is
+        # replaced.
+        return last, f"{client.base_url} does not answer as a scheduler; retrying"
 
 
 async def _unless_set(event: asyncio.Event, work: Awaitable[T]) -> T | None:

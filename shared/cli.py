@@ -443,14 +443,21 @@ def _operator_call(args: argparse.Namespace, method: str, path: str) -> Any:
     except httpx.HTTPError as exc:
         _complain(f"cannot reach {args.url}: {str(exc) or type(exc).__name__}")
         return None
+    from pydantic import ValidationError
+
+    from shared.models import FleetView
+
     try:
         body = response.json()
-    except ValueError:
+        if response.status_code >= 400:
+            error = body["error"]
+            _complain(f"{error['code']}: {error['message']}")
+            return None
+        # Every operator call answers the fleet's view; another service's
+        # JSON must not read as a drain done.
+        FleetView.model_validate(body)
+    except (ValueError, KeyError, TypeError, ValidationError):
         _complain(f"{args.url} does not answer as an ACP Fleet scheduler")
-        return None
-    if response.status_code >= 400:
-        error = body.get("error", {})
-        _complain(f"{error.get('code')}: {error.get('message')}")
         return None
 
     return body

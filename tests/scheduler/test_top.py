@@ -350,6 +350,18 @@ class TestWatch:
         assert refused.value.status == 401
         assert client.answers == []
 
+    async def test_another_service_answering_is_retried_as_a_notice(self) -> None:
+        """A refresh answered by something that is not a scheduler keeps the
+        last frame and says so, rather than ending the watch."""
+        client = StubClient(
+            snapshot(node("node-a")), ValueError("not a fleet view"), Stop()
+        )
+
+        text = await self.watch(client)
+
+        assert "http://fleet.test does not answer as a scheduler; retrying" in text
+        assert "node-a" in text
+
     async def test_refreshes_show_the_newest_answer(self) -> None:
         """Each tick renders what the scheduler answered last."""
         client = StubClient(snapshot(node("node-a")), snapshot(node("node-b")), Stop())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -368,3 +371,61 @@ class TestSchedulerUrl:
 
         assert ran.returncode == 2
         assert "argument --url: expected the scheduler's URL" in ran.stderr.decode()
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """Answers every request 200 with the server's ``body``."""
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        body = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def other_service() -> Iterator[http.server.ThreadingHTTPServer]:
+    """A service on loopback that answers any JSON it is given."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answering)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+class TestAnotherServiceAtTheUrl:
+    @pytest.mark.parametrize("body", [b"{}", b"[]", b"null", b'{"nodes": 3}'])
+    @pytest.mark.parametrize("command", [["nodes"], ["drain", "n1"], ["top", "--once"]])
+    def test_json_that_is_no_fleet_view_is_named_as_such(
+        self,
+        other_service: http.server.ThreadingHTTPServer,
+        command: list[str],
+        body: bytes,
+    ) -> None:
+        """A service that answers 200 with other JSON is reported as not a
+        scheduler, exit 2: no table, no traceback, no drain said done."""
+        other_service.body = body  # type: ignore[attr-defined]
+        url = f"http://127.0.0.1:{other_service.server_address[1]}"
+        env = clean_env(ACP_FLEET_OPERATOR_KEY="afo_x")
+
+        ran = cli(*command, "--url", url, env=env)
+
+        assert ran.returncode == 2
+        assert ran.stdout == b""
+        assert (
+            ran.stderr.decode()
+            .splitlines()[-1]
+            .endswith(f"{url} does not answer as an ACP Fleet scheduler")
+        )
