@@ -404,7 +404,8 @@ def _quit_key() -> Iterator[asyncio.Event]:
     """An event set when ``q`` is typed on a terminal's stdin.
 
     The terminal is put in cbreak mode (keys arrive unbuffered and are not
-    echoed; Ctrl-C still interrupts) and restored on the way out.
+    echoed; Ctrl-C still interrupts) and restored on the way out, and
+    while the view is suspended with Ctrl-Z.
     """
     pressed = asyncio.Event()
     if not sys.stdin.isatty():
@@ -423,11 +424,35 @@ def _quit_key() -> Iterator[asyncio.Event]:
             # The terminal hung up: it would be readable forever.
             loop.remove_reader(fd)
 
+    def suspend() -> None:
+        # Ctrl-Z: the shell gets its terminal back as it was, cursor shown,
+        # then this stops as it would have without the handler.
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        _show_cursor(True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def resume() -> None:
+        # fg: the shell set the terminal as it likes; take it back.
+        tty.setcbreak(fd, termios.TCSANOW)
+        _show_cursor(False)
+
     # TCSANOW: the default TCSAFLUSH would drop keys typed before this.
     tty.setcbreak(fd, termios.TCSANOW)
     loop.add_reader(fd, read_key)
+    loop.add_signal_handler(signal.SIGTSTP, suspend)
+    loop.add_signal_handler(signal.SIGCONT, resume)
     try:
         yield pressed
     finally:
+        loop.remove_signal_handler(signal.SIGCONT)
+        loop.remove_signal_handler(signal.SIGTSTP)
         loop.remove_reader(fd)
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _show_cursor(shown: bool) -> None:
+    """Show or hide the cursor of a terminal on stdout; the live view hides
+    it while it draws. Written to the descriptor itself: the live view
+    stands in for ``sys.stdout`` and would print the escape as text."""
+    if os.isatty(1):
+        os.write(1, b"\x1b[?25h" if shown else b"\x1b[?25l")

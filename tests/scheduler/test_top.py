@@ -14,6 +14,7 @@ import sys
 import termios
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -483,6 +484,27 @@ def drain_until_exit(
             os.read(fd, 65536)
 
 
+def top_on(fleet: LocalFleet, terminal: int) -> subprocess.Popen[bytes]:
+    """``acp-fleet top`` refreshing every 0.2 s on a pseudo-terminal."""
+    args = ["top", "--interval-s", "0.2", "--url", fleet.url]
+    return subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *args],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env={**operator_env(fleet), "TERM": "xterm", "COLUMNS": "100"},
+        cwd=REPO,
+    )
+
+
+def wait_for_state(pid: int, state: str, timeout_s: float = 10) -> None:
+    """Wait until the kernel reports process ``pid`` in ``state`` (or fail)."""
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != state:
+        assert time.monotonic() < deadline, f"process {pid} never reached {state}"
+        time.sleep(0.02)
+
+
 def piped_top(fleet: LocalFleet) -> subprocess.Popen[bytes]:
     """``acp-fleet top`` refreshing every 0.2 s into pipes, stdin closed."""
     args = ["top", "--interval-s", "0.2", "--url", fleet.url]
@@ -617,15 +639,7 @@ class TestTopCommand:
         terminal is as it was, echo included."""
         controller, terminal = pty.openpty()
         before = termios.tcgetattr(terminal)
-        args = ["top", "--interval-s", "0.2", "--url", watched.url]
-        live = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args],
-            stdin=terminal,
-            stdout=terminal,
-            stderr=subprocess.PIPE,
-            env={**operator_env(watched), "TERM": "xterm", "COLUMNS": "100"},
-            cwd=REPO,
-        )
+        live = top_on(watched, terminal)
         try:
             shown = read_until(controller, watched.settings.worker.node.encode())
             if how == "q":
@@ -646,6 +660,39 @@ class TestTopCommand:
         assert live.returncode == 0, err
         assert b"Traceback" not in err
         assert after[3] & termios.ECHO
+        assert after == before
+
+    def test_ctrl_z_gives_the_terminal_back_and_fg_takes_it_again(
+        self, watched: LocalFleet
+    ) -> None:
+        """Suspended, the view leaves the terminal as it found it, cursor
+        shown; continued, it reads keys again, so q still quits."""
+        controller, terminal = pty.openpty()
+        before = termios.tcgetattr(terminal)
+        live = top_on(watched, terminal)
+        try:
+            read_until(controller, watched.settings.worker.node.encode())
+            live.send_signal(signal.SIGTSTP)
+            shown = read_until(controller, b"\x1b[?25h")
+            wait_for_state(live.pid, "T")
+            while_stopped = termios.tcgetattr(terminal)
+            live.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while termios.tcgetattr(terminal)[3] & termios.ECHO:
+                assert time.monotonic() < deadline, "the view never took keys again"
+                time.sleep(0.05)
+            os.write(controller, b"q")
+            drain_until_exit(controller, live)
+            after = termios.tcgetattr(terminal)
+        finally:
+            live.kill()
+            _, err = live.communicate(timeout=10)
+            os.close(controller)
+            os.close(terminal)
+
+        assert b"\x1b[?25h" in shown
+        assert while_stopped == before
+        assert live.returncode == 0, err
         assert after == before
 
     def test_a_wrong_operator_key_is_one_line_and_exit_2(
