@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import pty
@@ -14,6 +15,7 @@ import sys
 import termios
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -484,10 +486,26 @@ def drain_until_exit(
             os.read(fd, 65536)
 
 
-def top_on(fleet: LocalFleet, terminal: int) -> subprocess.Popen[bytes]:
-    """``acp-fleet top`` refreshing every 0.2 s on a pseudo-terminal."""
+@dataclass
+class Terminal:
+    """``acp-fleet top`` on a pseudo-terminal, and the terminal's settings
+    from before it started."""
+
+    controller: int
+    terminal: int
+    before: list[Any]
+    process: subprocess.Popen[bytes]
+    err: bytes = b""
+
+
+@contextlib.contextmanager
+def top_on_a_terminal(fleet: LocalFleet) -> Iterator[Terminal]:
+    """``acp-fleet top`` refreshing every 0.2 s on a new pseudo-terminal;
+    killed, if still running, and its stderr kept on the way out."""
+    controller, terminal = pty.openpty()
+    before = termios.tcgetattr(terminal)
     args = ["top", "--interval-s", "0.2", "--url", fleet.url]
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", *args],
         stdin=terminal,
         stdout=terminal,
@@ -495,6 +513,14 @@ def top_on(fleet: LocalFleet, terminal: int) -> subprocess.Popen[bytes]:
         env={**operator_env(fleet), "TERM": "xterm", "COLUMNS": "100"},
         cwd=REPO,
     )
+    view = Terminal(controller, terminal, before, process)
+    try:
+        yield view
+    finally:
+        process.kill()
+        _, view.err = process.communicate(timeout=10)
+        os.close(controller)
+        os.close(terminal)
 
 
 def wait_for_state(pid: int, state: str, timeout_s: float = 10) -> None:
@@ -637,63 +663,47 @@ class TestTopCommand:
     ) -> None:
         """On a terminal, q, SIGTERM or SIGHUP ends the view with 0 and the
         terminal is as it was, echo included."""
-        controller, terminal = pty.openpty()
-        before = termios.tcgetattr(terminal)
-        live = top_on(watched, terminal)
-        try:
-            shown = read_until(controller, watched.settings.worker.node.encode())
+        with top_on_a_terminal(watched) as view:
+            shown = read_until(view.controller, watched.settings.worker.node.encode())
             if how == "q":
-                os.write(controller, b"q")
+                os.write(view.controller, b"q")
             else:
-                live.send_signal(getattr(signal, how))
+                view.process.send_signal(getattr(signal, how))
             # The view writes on: reading on keeps it from blocking on a full
             # terminal before it sees the key.
-            drain_until_exit(controller, live)
-            after = termios.tcgetattr(terminal)
-        finally:
-            live.kill()
-            _, err = live.communicate(timeout=10)
-            os.close(controller)
-            os.close(terminal)
+            drain_until_exit(view.controller, view.process)
+            after = termios.tcgetattr(view.terminal)
 
         assert watched.settings.worker.node.encode() in shown
-        assert live.returncode == 0, err
-        assert b"Traceback" not in err
+        assert view.process.returncode == 0, view.err
+        assert b"Traceback" not in view.err
         assert after[3] & termios.ECHO
-        assert after == before
+        assert after == view.before
 
     def test_ctrl_z_gives_the_terminal_back_and_fg_takes_it_again(
         self, watched: LocalFleet
     ) -> None:
         """Suspended, the view leaves the terminal as it found it, cursor
         shown; continued, it reads keys again, so q still quits."""
-        controller, terminal = pty.openpty()
-        before = termios.tcgetattr(terminal)
-        live = top_on(watched, terminal)
-        try:
-            read_until(controller, watched.settings.worker.node.encode())
-            live.send_signal(signal.SIGTSTP)
-            shown = read_until(controller, b"\x1b[?25h")
-            wait_for_state(live.pid, "T")
-            while_stopped = termios.tcgetattr(terminal)
-            live.send_signal(signal.SIGCONT)
+        with top_on_a_terminal(watched) as view:
+            read_until(view.controller, watched.settings.worker.node.encode())
+            view.process.send_signal(signal.SIGTSTP)
+            shown = read_until(view.controller, b"\x1b[?25h")
+            wait_for_state(view.process.pid, "T")
+            while_stopped = termios.tcgetattr(view.terminal)
+            view.process.send_signal(signal.SIGCONT)
             deadline = time.monotonic() + 10
-            while termios.tcgetattr(terminal)[3] & termios.ECHO:
+            while termios.tcgetattr(view.terminal)[3] & termios.ECHO:
                 assert time.monotonic() < deadline, "the view never took keys again"
                 time.sleep(0.05)
-            os.write(controller, b"q")
-            drain_until_exit(controller, live)
-            after = termios.tcgetattr(terminal)
-        finally:
-            live.kill()
-            _, err = live.communicate(timeout=10)
-            os.close(controller)
-            os.close(terminal)
+            os.write(view.controller, b"q")
+            drain_until_exit(view.controller, view.process)
+            after = termios.tcgetattr(view.terminal)
 
         assert b"\x1b[?25h" in shown
-        assert while_stopped == before
-        assert live.returncode == 0, err
-        assert after == before
+        assert while_stopped == view.before
+        assert view.process.returncode == 0, view.err
+        assert after == view.before
 
     def test_a_wrong_operator_key_is_one_line_and_exit_2(
         self, watched: LocalFleet
