@@ -97,13 +97,13 @@ async def measure(fleet: LocalFleet, seconds: float) -> list[str]:
                 f"{name:<32}{rate:>9.0f}/s{median_ms:>10.1f}{p99_ms(latencies):>10.1f}"
             )
         steady = await open_loop(http, fleet.api_keys["roomy"], seconds, 500)
-        median_ms = statistics.median(steady) * 1000
+        median_ms, steady_p99_ms = statistics.median(steady) * 1000, p99_ms(steady)
         rows.append(
             f"{'steady 500/s, admitted':<32}{500:>9}/s{median_ms:>10.1f}"
-            f"{p99_ms(steady):>10.1f}"
+            f"{steady_p99_ms:>10.1f}"
         )
     rate_met = "met" if min(rates) >= 1500 else "missed"
-    p99_met = "met" if p99_ms(steady) < 20 else "missed"
+    p99_met = "met" if steady_p99_ms < 20 else "missed"
     rows.append(
         f"targets: >= 1,500/s on one core ({rate_met});"
         f" p99 < 20 ms at 500/s ({p99_met})"

@@ -8,13 +8,14 @@ are its worker's to reconcile.)
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from shared.localfleet import process_running
-from worker.docker import DockerRuntime
+from worker.docker import LABEL_FLEET, DockerRuntime
 
+# The fleet label every benchmark's own containers carry.
+BENCH_FLEET = "bench"
 PID_LABEL = "io.acp-fleet.bench-pid"
 
 
@@ -29,13 +30,10 @@ def owned(config: dict[str, Any]) -> dict[str, Any]:
 async def remove_leftovers(runtime: DockerRuntime) -> int:
     """Remove the containers of benchmarks that no longer run; return how
     many there were."""
-    found = await runtime.docker.containers.list(
-        all=True, filters=json.dumps({"label": [PID_LABEL]})
-    )
     removed = 0
-    for container in found:
+    for container in await runtime.labelled({LABEL_FLEET: BENCH_FLEET}):
         pid = container["Labels"].get(PID_LABEL, "")
         if pid.isdecimal() and not process_running(int(pid)):
-            await runtime.remove(container.id)
+            await runtime.remove(container["Id"])
             removed += 1
     return removed

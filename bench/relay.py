@@ -28,7 +28,7 @@ from typing import Any
 import uvloop
 from arguments import whole
 from floor import floor_path
-from leftovers import owned, remove_leftovers
+from leftovers import BENCH_FLEET, owned, remove_leftovers
 
 from scheduler.client import ApiError, End, FleetClient
 from shared.localfleet import local_fleet, redis_server, scratch_folder
@@ -55,7 +55,7 @@ Trip = Callable[[], Awaitable[None]]
 # How this machine's idle CPUs wait. On a KVM guest with the haltpoll
 # driver, an idle vCPU polls for up to guest_halt_poll_ns before it halts,
 # and waking a halted one costs each hand-off between processes an exit to
-# the host: the fleet's path has about twice the direct attach's hand-offs.
+# the host: the fleet's path has more than twice the direct attach's hand-offs.
 CPUIDLE_DRIVER = Path("/sys/devices/system/cpu/cpuidle/current_driver")
 HALT_POLL_NS = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 KERNEL_HALT_POLL_NS = 200_000
@@ -78,7 +78,7 @@ def profile(script: str) -> dict[str, Any]:
 def sandbox_config(spec: SandboxSpec, script: str) -> dict[str, Any]:
     """The Engine API body of a hardened container that runs ``script``."""
     config = container_config(
-        spec, fleet="bench", node="bench", seccomp=seccomp_profile()
+        spec, fleet=BENCH_FLEET, node="bench", seccomp=seccomp_profile()
     )
     return owned({**config, "Cmd": ["sh", "-c", script]})
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 from arguments import whole
-from leftovers import owned, remove_leftovers
+from leftovers import BENCH_FLEET, owned, remove_leftovers
 from redis.asyncio import Redis
 
 from scheduler.client import End, FleetClient
@@ -47,7 +47,9 @@ def profile(pool_size: int) -> dict[str, Any]:
 
 async def bare_start(runtime: DockerRuntime, spec: SandboxSpec, seccomp: str) -> float:
     """Create, attach, start and read the first byte, straight from Docker."""
-    config = owned(container_config(spec, fleet="bench", node="bench", seccomp=seccomp))
+    config = owned(
+        container_config(spec, fleet=BENCH_FLEET, node="bench", seccomp=seccomp)
+    )
     started = time.perf_counter()
     container_id = await runtime.create(config, name=f"bench-{time.time_ns()}")
     stdio = await runtime.attach(container_id)
@@ -75,7 +77,7 @@ async def exec_start(runtime: DockerRuntime, container_id: str) -> float:
 async def exec_starts(
     runtime: DockerRuntime, spec: SandboxSpec, seccomp: str, n: int
 ) -> list[float]:
-    config = container_config(spec, fleet="bench", node="bench", seccomp=seccomp)
+    config = container_config(spec, fleet=BENCH_FLEET, node="bench", seccomp=seccomp)
     config = owned({**config, "Cmd": ["sleep", "3600"]})
     container_id = await runtime.create(config, name=f"bench-exec-{time.time_ns()}")
     try:

@@ -13,7 +13,7 @@ import pytest
 
 from shared.localfleet import REPO
 from tests.sandboxes import BUSYBOX_IMAGE
-from worker.docker import DockerRuntime
+from worker.docker import LABEL_FLEET, DockerRuntime
 
 
 class TestArguments:
@@ -96,7 +96,12 @@ def _bench_module(name: str) -> Any:
 
 
 def _config(command: str) -> dict[str, Any]:
-    return {"Image": BUSYBOX_IMAGE, "Cmd": ["sh", "-c", command], "Labels": {}}
+    """A container as the benchmarks label theirs."""
+    return {
+        "Image": BUSYBOX_IMAGE,
+        "Cmd": ["sh", "-c", command],
+        "Labels": {LABEL_FLEET: "bench"},
+    }
 
 
 def _name() -> str:
